@@ -1,0 +1,211 @@
+"""Sampling: `generate` (KV-cached decoding with temperature, top-k and top-p) and `generate_samples`,
+the testable body of run_generate.py (load a checkpoint or pretrained model, encode, sample, print)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import Tensor
+
+from gpt2.config import GenerateConfig, ModelConfig, UserError, from_dict
+from gpt2.model import GPT, model_from_state_dict
+
+
+def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token from logits (B, V): greedy when temperature == 0. Returns (B, 1) long."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the most likely one always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # (B, V)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+
+
+@torch.inference_mode()
+def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, eos_token: int | None = None,
+             on_token: Callable[[Tensor], None] | None = None) -> Tensor:
+    """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + n) with n <= max_new_tokens.
+
+    The prompt is run once (prefill) into a KV cache, then one token per step. `on_token` gets each new
+    (B, 1) column as it is sampled. With `eos_token`, a row that produced it keeps emitting it, and decoding
+    stops once every row has. A generator makes sampling reproducible (it must live on the model's device).
+    The total length must fit n_positions: the caller crops the prompt.
+    """
+    model = getattr(model, "_orig_mod", model)  # decode eagerly even if the model was torch.compile'd
+    B, T = idx.shape
+    total = T + max_new_tokens
+    n_positions = model.cfg.n_positions
+    if T == 0:
+        raise UserError("the prompt is empty; give at least one token (e.g. the end-of-text token).")
+    if total > n_positions:
+        raise UserError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds n_positions="
+                        f"{n_positions}; crop the prompt to its last {max(n_positions - max_new_tokens, 0)} tokens "
+                        f"or lower max_new_tokens.")
+    if max_new_tokens <= 0:
+        return idx
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(B, total)
+        out = torch.empty(B, total, dtype=torch.long, device=idx.device)  # (B, T + max_new_tokens)
+        out[:, :T] = idx
+        finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if eos_token is not None else None
+        logits = model(idx, kv_cache=cache).logits[:, -1, :]  # (B, V)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if finished is not None:
+                nxt = nxt.masked_fill(finished, eos_token)
+                finished |= nxt == eos_token
+            out[:, T + i : T + i + 1] = nxt
+            if on_token is not None:
+                on_token(nxt)
+            if finished is not None and bool(finished.all()):
+                return out[:, : T + i + 1]
+            if i + 1 < max_new_tokens:
+                logits = model(nxt, kv_cache=cache).logits[:, -1, :]  # (B, V)
+        return out
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------ run_generate.py
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda if available else cpu; otherwise the named device (UserError if CUDA is missing)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto.")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N.")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto -> bf16 on CUDA when supported, else fp32."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> GPT:
+    """A GPT from a training checkpoint (file, checkpoint dir or run dir) or a pretrained HF name/directory."""
+    if pretrained is not None:
+        from gpt2.pretrained import load_pretrained
+
+        return load_pretrained(pretrained)
+    if checkpoint is None:
+        raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
+    from gpt2.checkpoint import load_model_state, read_meta, resolve_checkpoint
+
+    path = Path(checkpoint).expanduser()
+    if path.is_file():  # e.g. .../step_00000100/model.safetensors
+        path = path.parent
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    try:
+        cfg = from_dict(ModelConfig, meta["config"]["model"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{ckpt / 'meta.json'} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
+    try:
+        return model_from_state_dict(cfg, load_model_state(ckpt))
+    except ValueError as err:
+        raise UserError(f"{ckpt}: {err}") from err
+
+
+def _prompt_tokens(tokens: list[int], cfg: GenerateConfig, n_positions: int, eot: int) -> list[int]:
+    """The prompt ids (the end-of-text token when empty), cropped or refused when too long."""
+    tokens = tokens or [eot]
+    limit = n_positions - cfg.max_new_tokens
+    if limit < 1:
+        raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in n_positions="
+                        f"{n_positions}; lower max_new_tokens to at most {n_positions - 1}.")
+    if len(tokens) > limit:
+        if not cfg.crop_prompt:
+            raise UserError(f"the prompt is {len(tokens)} tokens but only n_positions - max_new_tokens = "
+                            f"{n_positions} - {cfg.max_new_tokens} = {limit} fit; shorten the prompt, lower "
+                            f"max_new_tokens, or set crop_prompt=true to keep its last {limit} tokens.")
+        print(f"note: prompt cropped to its last {limit} of {len(tokens)} tokens.", file=sys.stderr)
+        tokens = tokens[-limit:]
+    return tokens
+
+
+class _Streamer:
+    """Prints tokens as they arrive. It decodes the whole running sequence and prints the new suffix,
+    holding back a trailing partial UTF-8 character (decoded as U+FFFD) until it is complete."""
+
+    def __init__(self, decode: Callable[[list[int]], str], out: TextIO) -> None:
+        self.decode, self.out = decode, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: Tensor) -> None:
+        self.ids.append(int(token[0, 0]))
+        self._emit(self.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> None:
+        self._emit(self.decode(self.ids))
+
+    def _emit(self, text: str) -> None:
+        if text.startswith(self.printed) and len(text) > len(self.printed):
+            self.out.write(text[len(self.printed):])
+            self.out.flush()
+            self.printed = text
+
+
+def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]:
+    """Load the model and tokenizer named by cfg, draw cfg.num_samples continuations of cfg.prompt,
+    print them to `out` (streaming when cfg.stream) and return them (prompt + completion)."""
+    from gpt2.tokenizer import get_tokenizer
+
+    cfg.check()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = get_tokenizer(cfg.tokenizer_path)
+    model = load_model(cfg.checkpoint, cfg.pretrained).to(device=device, dtype=dtype).eval()
+    prompt = _prompt_tokens(tokenizer.encode(cfg.prompt), cfg, model.cfg.n_positions, tokenizer.eot_token)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples: list[str] = []
+    for i in range(cfg.num_samples):
+        if i > 0:
+            out.write("\n---------------\n")
+        streamer = None
+        if cfg.stream:
+            streamer = _Streamer(tokenizer.decode, out)
+            out.write(tokenizer.decode(prompt))
+            out.flush()
+        ids = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                       top_p=cfg.top_p, generator=generator, on_token=streamer)
+        text = tokenizer.decode(ids[0].tolist())
+        if streamer is not None:
+            streamer.finish()
+        else:
+            out.write(text)
+        samples.append(text)
+    out.write("\n")
+    out.flush()
+    if cfg.output_file:
+        path = Path(cfg.output_file).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n---------------\n".join(samples) + "\n", encoding="utf-8")
+    return samples

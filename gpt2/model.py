@@ -1,0 +1,245 @@
+"""The GPT-2 model: attention, MLP, Block, KV cache, and GPT (read top to bottom).
+
+Module names mirror nanoGPT and Hugging Face's GPT2LMHeadModel (`transformer.h[i].attn.c_attn`, ...)
+so that `gpt2.pretrained` maps weights with an explicit key list. Linear layers are `nn.Linear`
+(HF uses Conv1D, whose weights are the transpose). The model prints nothing and imports no
+trainer, Hydra or distributed code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt2.config import ModelConfig, UserError
+
+
+class KVCache:
+    """Static key/value cache for decoding: one preallocated (B, nh, max_len, hs) tensor pair per layer.
+
+    `pos` counts the tokens already cached; `GPT.forward` writes the new keys/values at
+    [pos, pos + T) in every layer and then advances `pos` by T. Nothing is allocated per token.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        if max_len > cfg.n_positions:
+            raise UserError(f"KV cache length {max_len} exceeds n_positions={cfg.n_positions}; use at most "
+                            f"{cfg.n_positions} tokens (prompt + new tokens).")
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hs) at [pos, pos + T) of `layer`; return all keys/values so far (B, nh, pos+T, hs)."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def check(self, batch_size: int, seq_len: int) -> None:
+        """Raise UserError if a forward of (batch_size, seq_len) does not fit the cache."""
+        if batch_size != self.batch_size:
+            raise UserError(f"batch size {batch_size} does not match the KV cache's batch size {self.batch_size}; "
+                            f"make a new cache with GPT.new_kv_cache({batch_size}, ...).")
+        if self.pos + seq_len > self.max_len:
+            raise UserError(f"Cannot cache {seq_len} more tokens after {self.pos}: the KV cache holds only "
+                            f"{self.max_len}; make a larger cache or crop the input.")
+
+    def reset(self) -> None:
+        """Forget the cached tokens (the buffers are reused)."""
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused qkv projection."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.n_head = cfg.n_head
+        self.n_embd = cfg.n_embd
+        self.dropout = cfg.dropout
+        self.layer_idx = layer_idx
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is None:  # training / full recompute
+            dropout_p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            start = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            if T == 1:  # one new token attends to everything cached
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:  # prefill
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # a chunk after cached tokens: query i sees keys <= start + i
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C -> GELU (tanh approximation, HF's gelu_new) -> C."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+@dataclass
+class GPTOutput:
+    """What `GPT.forward` returns."""
+
+    logits: Tensor
+    """(B, T, vocab_size); with a KV cache only the last position: (B, 1, vocab_size)."""
+    loss: Tensor | None = None
+    """Mean cross-entropy over targets != -1, when targets were given."""
+
+
+class GPT(nn.Module):
+    """GPT-2 language model with tied input/output embeddings."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+            wpe=nn.Embedding(cfg.n_positions, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: normal(0, init_std) weights, zero biases, residual projections (c_proj) scaled
+        by 1/sqrt(2 * n_layer), LayerNorms at (1, 0), padded vocabulary rows zero.
+        Public so that a model built on the meta device can be initialized after `to_empty`."""
+        std = self.cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.cfg.n_layer) if name.endswith("c_proj") else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        # wte is initialized last (it is also lm_head.weight); padded rows are never used
+        self.transformer.wte.weight[self.cfg.vocab_size:].zero_()
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count, tied weights once (padded vocab rows included). `exclude_embeddings` drops the
+        position embedding only: the token embedding doubles as lm_head, whose matmul is real compute."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at this sequence length (PaLM appendix B):
+        6 N for the matmuls with N = num_params(exclude_embeddings=True), plus 12 L H Q T for attention."""
+        cfg = self.cfg
+        N = self.num_params(exclude_embeddings=True)
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, seq_len
+        return float(6 * N + 12 * L * H * Q * T)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device (dtype defaults to the parameters')."""
+        weight = self.transformer.wte.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.n_positions, device=weight.device,
+                       dtype=dtype or weight.dtype)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None) -> GPTOutput:
+        """idx, targets: (B, T) token ids. Without a cache: logits for every position (and the loss).
+        With a cache: the tokens continue the cached sequence, and only the last position's logits come back."""
+        B, T = idx.size()
+        start = 0 if kv_cache is None else kv_cache.pos
+        if start + T > self.cfg.n_positions:
+            raise UserError(f"Cannot forward sequence of length {start + T}, n_positions is only "
+                            f"{self.cfg.n_positions}; crop the input to the last {self.cfg.n_positions} tokens.")
+        if kv_cache is not None:
+            kv_cache.check(B, T)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, kv_cache)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos += T
+            x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token distribution
+        logits = self.lm_head(x)[..., : self.cfg.vocab_size]  # (B, T, V): padded rows are never sampled
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return GPTOutput(logits=logits, loss=loss)
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> GPT:
+    """A GPT holding `state` (our key names; `lm_head.weight` may be missing since it is `transformer.wte.weight`).
+    Built on the meta device and filled by assignment, so no time is spent on a random init."""
+    state = dict(state)
+    wte = state.get("transformer.wte.weight", state.get("lm_head.weight"))
+    if wte is not None:
+        state["transformer.wte.weight"] = state["lm_head.weight"] = wte
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit the model {cfg.name!r}: missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}.")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{key}: checkpoint shape {tuple(state[key].shape)} does not match the model's "
+                             f"{tuple(tensor.shape)}.")
+    model.load_state_dict(state, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # re-tie: assignment created two Parameters
+    return model
