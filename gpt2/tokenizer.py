@@ -1,0 +1,266 @@
+"""The GPT-2 BPE tokenizer (tiktoken's ``gpt2``/``r50k_base`` encoding), resolved offline.
+
+tiktoken normally downloads its ranks file from openaipublic.blob.core.windows.net. This
+module builds the identical ``tiktoken.Encoding`` from a local ranks file found, in order, at
+
+a. an explicit path (``data.tokenizer_path``) or the ``GPT2_TIKTOKEN_FILE`` environment variable;
+b. tiktoken's own cache (``TIKTOKEN_CACHE_DIR`` / ``DATA_GYM_CACHE_DIR`` / ``$TMP/data-gym-cache``);
+c. ``<cache_dir>/tokenizer/gpt2.tiktoken``, extracted once from the openai-whisper source
+   package on PyPI (``pip download``), which ships the same file;
+d. ``tiktoken.get_encoding("gpt2")`` (needs network).
+
+Every ranks file is checked against its sha256, so token ids always equal tiktoken's.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+from gpt2.config import UserError
+
+log = logging.getLogger(__name__)
+
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+"""sha256 of the r50k_base / gpt2 ranks file."""
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+"""Where tiktoken downloads the ranks file (its cache is keyed by sha1 of this URL)."""
+GPT2_DATA_GYM_URLS = (
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+)
+"""The two files tiktoken's ``gpt2`` encoding is built from (also looked up in its cache)."""
+# Same as tiktoken_ext/openai_public.py r50k_pat_str (tests check they agree).
+PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+N_VOCAB = 50257
+WHISPER_REQ = "openai-whisper==20250625"
+WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
+ENV_FILE = "GPT2_TIKTOKEN_FILE"
+DEFAULT_CACHE_DIR = "~/.cache/gpt2"
+TOKENIZER_ID = f"tiktoken-gpt2-{RANKS_SHA256[:16]}"
+"""Identifies the encoding in prepared-data cache keys."""
+
+
+class Tokenizer:
+    """GPT-2 BPE: ``encode`` ignores special tokens (``<|endoftext|>`` in text is plain text)."""
+
+    def __init__(self, encoding: tiktoken.Encoding, source: str | None) -> None:
+        self.encoding = encoding
+        self.source = source
+        """The ranks file used, or None when tiktoken fetched it over the network."""
+        self.eot_token: int = EOT_ID
+        self.n_vocab: int = encoding.n_vocab
+        self.id: str = TOKENIZER_ID
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(gpt2, n_vocab={self.n_vocab}, source={self.source!r})"
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _load_ranks(ranks_file: str) -> dict[bytes, int]:
+    """Parse a ranks file after checking its sha256.
+
+    Same format and check as ``tiktoken.load.load_tiktoken_bpe(path, expected_hash=...)``, which
+    would also copy every local file it reads into tiktoken's temp cache (keyed by the path).
+    """
+    with open(ranks_file, "rb") as f:
+        data = f.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != RANKS_SHA256:
+        raise UserError(f"{ranks_file} has sha256 {digest}, expected {RANKS_SHA256} (the GPT-2 ranks file).")
+    ranks: dict[bytes, int] = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _build(ranks_file: str) -> Tokenizer:
+    ranks = _load_ranks(ranks_file)
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={EOT: EOT_ID},
+        explicit_n_vocab=N_VOCAB,
+    )
+    return Tokenizer(enc, ranks_file)
+
+
+def _load_explicit(path: str, origin: str) -> Tokenizer:
+    """(a) A file the user named: it must exist and match the hash, no fallback."""
+    p = os.path.expanduser(path)
+    if not os.path.isfile(p):
+        raise UserError(
+            f"{origin}={path!r} is not a file; point it at a gpt2.tiktoken ranks file "
+            f"(sha256 {RANKS_SHA256}), or unset it to let gpt2 find one."
+        )
+    digest = _sha256_file(p)
+    if digest != RANKS_SHA256:
+        raise UserError(
+            f"{origin}={path!r} has sha256 {digest}, expected {RANKS_SHA256} (the GPT-2 ranks file); "
+            f"use whisper/assets/gpt2.tiktoken from openai-whisper or tiktoken's r50k_base.tiktoken."
+        )
+    return _build(p)
+
+
+def tiktoken_cache_dir() -> str | None:
+    """tiktoken's cache directory, resolved exactly as ``tiktoken.load.read_file_cached`` does."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        d = os.environ["TIKTOKEN_CACHE_DIR"]
+    elif "DATA_GYM_CACHE_DIR" in os.environ:
+        d = os.environ["DATA_GYM_CACHE_DIR"]
+    else:
+        d = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return d or None  # "" disables tiktoken's cache
+
+
+def _from_tiktoken_cache() -> Tokenizer | None:
+    """(b) A ranks file that tiktoken itself downloaded earlier."""
+    d = tiktoken_cache_dir()
+    if d is None:
+        return None
+    path = os.path.join(d, hashlib.sha1(R50K_URL.encode()).hexdigest())
+    if os.path.isfile(path) and _sha256_file(path) == RANKS_SHA256:
+        return _build(path)
+    bpe, enc_json = (os.path.join(d, hashlib.sha1(u.encode()).hexdigest()) for u in GPT2_DATA_GYM_URLS)
+    if os.path.isfile(bpe) and os.path.isfile(enc_json):
+        try:  # both files are cached, so tiktoken reads them from its cache without network
+            return Tokenizer(tiktoken.get_encoding("gpt2"), None)
+        except Exception as e:  # a corrupt cache: try the next source
+            log.debug("tiktoken's cached gpt2 files are unusable: %s", e)
+    return None
+
+
+def whisper_ranks_path(cache_dir: str | None = None) -> Path:
+    """Where the ranks file extracted from openai-whisper is kept."""
+    return Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)) / "tokenizer" / "gpt2.tiktoken"
+
+
+def fetch_ranks_file(cache_dir: str | None = None) -> Path:
+    """(c) Return ``<cache_dir>/tokenizer/gpt2.tiktoken``, extracting it from the openai-whisper
+    sdist (``pip download``) the first time. Raises UserError when pip cannot get it."""
+    dest = whisper_ranks_path(cache_dir)
+    if dest.is_file() and _sha256_file(str(dest)) == RANKS_SHA256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", WHISPER_REQ, "-d", tmp]
+        log.info("Fetching the GPT-2 ranks file: %s", " ".join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise UserError(f"`pip download {WHISPER_REQ}` failed: {e}") from e
+        if proc.returncode != 0:
+            raise UserError(f"`pip download {WHISPER_REQ}` failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if len(sdists) != 1:
+            raise UserError(f"`pip download {WHISPER_REQ}` gave {sdists}, expected one .tar.gz")
+        with tarfile.open(sdists[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.endswith("/" + WHISPER_MEMBER) and m.isfile()]
+            if not members:
+                raise UserError(f"{sdists[0].name} holds no {WHISPER_MEMBER}")
+            data = tar.extractfile(members[0]).read()  # type: ignore[union-attr]
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != RANKS_SHA256:
+            raise UserError(f"{WHISPER_MEMBER} from {sdists[0].name} has sha256 {digest}, expected {RANKS_SHA256}")
+        part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
+        part.write_bytes(data)
+        os.replace(part, dest)  # atomic: concurrent fetchers all end with the same complete file
+    return dest
+
+
+def _resolve(path: str | None, cache_dir: str | None) -> Tokenizer:
+    if path:
+        return _load_explicit(path, "data.tokenizer_path")
+    if os.environ.get(ENV_FILE):
+        return _load_explicit(os.environ[ENV_FILE], ENV_FILE)
+    tok = _from_tiktoken_cache()
+    if tok is not None:
+        return tok
+    errors = []
+    try:
+        return _build(str(fetch_ranks_file(cache_dir)))
+    except UserError as e:
+        errors.append(f"pip: {e}")
+    try:
+        return Tokenizer(tiktoken.get_encoding("gpt2"), None)
+    except Exception as e:
+        errors.append(f"tiktoken download: {type(e).__name__}: {e}")
+    dest = whisper_ranks_path(cache_dir)
+    raise UserError(
+        "Cannot find the GPT-2 tokenizer ranks file (gpt2.tiktoken). Provide it one of three ways:\n"
+        "  1. pass a local copy: data.tokenizer_path=/path/to/gpt2.tiktoken (or GPT2_TIKTOKEN_FILE=...);\n"
+        f"  2. run `python -m pip download --no-deps --no-binary :all: {WHISPER_REQ} -d /tmp/w` where PyPI is "
+        f"reachable and extract {WHISPER_MEMBER} from the tarball to {dest} (or use option 1);\n"
+        "  3. allow network access to openaipublic.blob.core.windows.net once (tiktoken caches the file).\n"
+        "Attempts:\n  " + "\n  ".join(line.strip()[-600:] for line in errors)
+    )
+
+
+_CACHE: dict[tuple[str | None, str | None, str], Tokenizer] = {}
+_LOCK = threading.Lock()
+
+
+def get_tokenizer(path: str | None = None, cache_dir: str | None = None) -> Tokenizer:
+    """The GPT-2 tokenizer, resolved as described in the module docstring; cached per argument.
+
+    path: an explicit gpt2.tiktoken ranks file (overrides everything else).
+    cache_dir: the gpt2 cache root (``data.cache_dir``, default ~/.cache/gpt2) for source (c).
+    """
+    key = (path, cache_dir, os.environ.get(ENV_FILE, ""))
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = _resolve(path, cache_dir)
+        return _CACHE[key]
+
+
+# ------------------------------------------------------- worker side of data.py's pool
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def init_worker(path: str | None, cache_dir: str | None) -> None:
+    """Pool initializer: load the tokenizer once per worker process."""
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = get_tokenizer(path, cache_dir)
+
+
+def encode_to_arrays(texts: list[str]) -> list[np.ndarray]:
+    """Encode each text to a uint16 array (compact to send between processes)."""
+    tok = _WORKER_TOKENIZER or get_tokenizer()
+    return [np.asarray(tok.encode(t), dtype=np.uint16) for t in texts]
+
