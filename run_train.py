@@ -16,6 +16,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
 
@@ -66,7 +67,8 @@ def run_stamp() -> str:
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
             timeout=datetime.timedelta(seconds=300),
         )
-        key = f"gpt2/run_stamp/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        key = f"gpt2/run_stamp/{attempt}"
         if int(os.environ["RANK"]) == 0:
             store.set(key, stamp)
         stamp = store.get(key).decode()
@@ -96,7 +98,9 @@ def main(dcfg: DictConfig) -> float:
     try:
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         C.validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except (C.UserError, ValueError) as err:
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
+    except (C.UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     output_dir = HydraConfig.get().runtime.output_dir
     try:

@@ -207,11 +207,10 @@ class DataConfig:
     def check(self) -> None:
         _choice("data.name", self.name, ("shakespeare", "text", "hf"))
         if self.name in ("text", "hf"):
-            _require(
-                bool(self.path),
-                f"data.path is required with data={self.name}; "
-                f"e.g. data.path=corpus/*.txt" + (" or data.path=json data.data_files=[a.jsonl]" if self.name == "hf" else "") + ".",
-            )
+            example = "data.path='corpus/*.txt'"
+            if self.name == "hf":
+                example = "data.path=json data.data_files=[corpus.jsonl]"
+            _require(bool(self.path), f"data.path is required with data={self.name}; e.g. {example}.")
         _require(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1).")
         _require(self.num_proc >= 0, f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores).")
 

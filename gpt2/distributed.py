@@ -1,0 +1,118 @@
+"""Process group set-up, device choice, and DDP / FSDP2 wrapping.
+
+Works the same under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher) and
+inside SLURM jobs started by submitit (see gpt2/slurm.py), on CUDA (nccl) and CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpt2.config import ConfigError, DistributedConfig
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        # One GPU per local rank; more ranks than GPUs share them round-robin.
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto.")
+    return torch.device(device)
+
+
+def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
+    """Join the process group when launched with several ranks; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and cfg.name == "none":
+        raise ConfigError(
+            f"launched with WORLD_SIZE={world_size} but distributed=none; "
+            "pass distributed=ddp or distributed=fsdp."
+        )
+    dev = _pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
+        if backend == "nccl" and dev.type != "cuda":
+            raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPU.")
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=cfg.timeout_s),
+            device_id=dev if backend == "nccl" else None,
+        )
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+
+
+def wrap_model(model: nn.Module, cfg: DistributedConfig, info: DistInfo) -> nn.Module:
+    """DDP-wrap or FSDP2-shard `model` (already on its device). FSDP2 shards in place, so the
+    returned module is the model itself; with DDP the bare model is `returned.module`."""
+    if not info.enabled or cfg.name == "none":
+        return model
+    if cfg.name == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.fsdp import fully_shard
+
+    # One FSDP unit per transformer block, then the root (embeddings, final norm, head).
+    for block in model.transformer.h:  # type: ignore[union-attr]
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward)
+    fully_shard(model, reshard_after_forward=cfg.reshard_after_forward)
+    return model
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of `value` over ranks (identity when not distributed)."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any rank (e.g. a preemption signal)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

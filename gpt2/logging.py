@@ -1,0 +1,154 @@
+"""Run logging: console lines (also in train.log via Hydra's file handler), metrics.jsonl,
+Weights & Biases, and a loss-curve PNG. Only rank 0 creates a `RunLogger` that writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gpt2.config import LoggerConfig, TrainConfig, to_dict
+
+log = logging.getLogger("gpt2")
+
+# Dense bf16 peak FLOP/s per device, by substring of torch.cuda.get_device_name().
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+
+
+def detect_peak_flops(device_name: str | None) -> float | None:
+    """Peak dense bf16 FLOP/s for a known GPU name, else None (MFU is then not reported)."""
+    if not device_name:
+        return None
+    for key, flops in PEAK_FLOPS_BF16.items():
+        if key in device_name:
+            return flops
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class RunLogger:
+    """Writes metrics to metrics.jsonl, the console/train.log, and W&B (when enabled)."""
+
+    def __init__(self, output_dir: str | Path, cfg: TrainConfig, wandb_run_id: str | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        self.wandb_run: Any = None
+        if cfg.logger.name == "wandb":
+            self.wandb_run = self._init_wandb(cfg, wandb_run_id)
+
+    @property
+    def wandb_run_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def _init_wandb(self, cfg: TrainConfig, run_id: str | None) -> Any:
+        import wandb
+
+        lcfg: LoggerConfig = cfg.logger
+        mode = lcfg.mode or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        run = wandb.init(
+            project=lcfg.project,
+            entity=lcfg.entity,
+            name=lcfg.run_name or self.output_dir.name,
+            tags=list(lcfg.tags),
+            mode=mode,
+            dir=str(self.output_dir),
+            config=to_dict(cfg),
+            id=run_id,
+            resume="allow" if run_id else None,
+            reinit="finish_previous",
+        )
+        log.info("W&B run %s (%s) in %s", run.id, mode, self.output_dir / "wandb")
+        return run
+
+    def log(self, step: int, metrics: dict[str, float], console: str | None = None) -> None:
+        """Append one record to metrics.jsonl (flushed), send it to W&B, print `console`."""
+        record = {"step": step, "time": time.time(), **metrics}
+        self._metrics_file.write(json.dumps(record) + "\n")
+        self._metrics_file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if console:
+            log.info(console)
+
+    def log_text(self, step: int, name: str, text: str) -> None:
+        """A text sample: into train.log, metrics.jsonl and W&B (as a table row)."""
+        log.info("%s @ step %d:\n%s", name, step, text)
+        self._metrics_file.write(json.dumps({"step": step, "time": time.time(), name: text}) + "\n")
+        self._metrics_file.flush()
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Html(f"<pre>{_html_escape(text)}</pre>")}, step=step)
+
+    def finish(self) -> None:
+        """Close files, write the loss-curve PNG, and finish the W&B run (called in `finally`)."""
+        self._metrics_file.close()
+        try:
+            plot_loss_curve(self.metrics_path, self.output_dir / "loss.png")
+        except Exception as err:  # a plot must never hide the real outcome of a run
+            log.warning("could not write loss plot: %s", err)
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file (a torn last line from a crash is skipped)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
+    """Train and val loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r and math.isfinite(r["train/loss"])]
+    val = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)

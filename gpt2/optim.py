@@ -1,0 +1,105 @@
+"""Optimizers (AdamW, Muon + AdamW) and the learning-rate schedule.
+
+The schedule is a pure function of the step, so resuming needs only the step number:
+the trainer sets each group's lr to ``group["peak_lr"] * lr_multiplier(step)`` before
+every optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpt2.config import ConfigError, OptimizerConfig, SchedulerConfig
+
+
+def lr_multiplier(step: int, cfg: SchedulerConfig, max_steps: int) -> float:
+    """Fraction of the peak lr at optimizer step `step` (0-based): linear warmup, then decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.name == "linear":
+        shape = 1.0 - progress
+    else:  # cosine
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def _param_groups(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
+    """Weight decay only on >=2-D weights (matmuls, embeddings); none on biases and LayerNorms."""
+    params = [p for _, p in named if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "peak_lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "peak_lr": lr},
+    ]
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str) -> torch.optim.AdamW:
+    # Fused AdamW runs on CUDA and (since torch 2.4) on CPU; it is the fastest kernel on both.
+    fused = cfg.fused if cfg.fused is not None else device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Several optimizers stepped together (Muon for hidden matrices, AdamW for the rest).
+
+    Exposes the union of their param groups so the trainer's lr schedule and grad
+    clipping treat it like one optimizer; the state dict holds one entry per part.
+    """
+
+    def __init__(self, parts: dict[str, torch.optim.Optimizer]) -> None:
+        self.parts = parts
+        self.param_groups = [g for opt in parts.values() for g in opt.param_groups]
+        self.defaults = {}
+        self.state = {}  # each part keeps its own state
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for opt in self.parts.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {name: opt.state_dict() for name, opt in self.parts.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        for name, opt in self.parts.items():
+            opt.load_state_dict(state_dict[name])
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over all params, or Muon for 2-D block matrices with AdamW for the rest."""
+    named = list(model.named_parameters())
+    if cfg.name == "adamw":
+        return _adamw(_param_groups(named, cfg, cfg.lr), cfg, device_type)
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch>=2.9); this is torch {torch.__version__}. "
+                          "Upgrade torch or use optimizer=adamw.")
+    # Muon orthogonalizes 2-D updates: right for the hidden matmuls inside blocks, wrong for
+    # embeddings/head (lookups, not linear maps of the residual stream) and for vectors.
+    hidden = [(n, p) for n, p in named if p.dim() == 2 and ".h." in f".{n}" and p.requires_grad]
+    hidden_ids = {id(p) for _, p in hidden}
+    rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
+    muon = torch.optim.Muon(
+        [{"params": [p for _, p in hidden], "lr": cfg.muon_lr, "peak_lr": cfg.muon_lr}],
+        lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+    )
+    return CombinedOptimizer({"muon": muon, "adamw": _adamw(_param_groups(rest, cfg, cfg.lr), cfg, device_type)})
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Scale every group's peak lr by `multiplier`; returns the first group's lr (for logs)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["peak_lr"] * multiplier
+    return optimizer.param_groups[0]["lr"]

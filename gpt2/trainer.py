@@ -1,0 +1,446 @@
+"""The training loop: a Trainer made of named steps, and `train(cfg, output_dir)` that builds
+model, data, optimizer and logger from a validated `TrainConfig` and runs it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpt2 import checkpoint as ckpt
+from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
+from gpt2.data import PreparedData, TokenLoader, prepare_data
+from gpt2.distributed import DistInfo, all_reduce_mean, any_rank, barrier, cleanup, init_distributed, wrap_model
+from gpt2.generate import generate
+from gpt2.logging import RunLogger, detect_peak_flops, format_duration
+from gpt2.model import GPT
+from gpt2.optim import build_optimizer, lr_multiplier, set_lr
+from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from gpt2.tokenizer import Tokenizer, get_tokenizer
+
+log = logging.getLogger("gpt2")
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped early on purpose (preemption signal); a checkpoint was written.
+    The entry point exits with `exit_code` so that a scheduler can requeue the job."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare GPT under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class Trainer:
+    """Owns the training state; model, data, optimizer and logger come in ready-made."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: TokenLoader,
+        val_loader: TokenLoader,
+        dist: DistInfo,
+        output_dir: str | Path,
+        tokenizer: Tokenizer | None = None,
+        preemption: PreemptionHandler | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model  # possibly DDP/FSDP/compile-wrapped
+        self.raw_model = unwrap(model)
+        self.optimizer = optimizer
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.dist = dist
+        self.output_dir = Path(output_dir)
+        self.tokenizer = tokenizer
+        self.preemption = preemption
+        self.device = dist.device
+        self.grad_accum = grad_accum_steps(cfg, dist.world_size)
+        self.autocast_dtype = AUTOCAST_DTYPES[cfg.precision.name]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision.name == "fp16")
+        self.sharded = cfg.distributed.name == "fsdp" and dist.enabled
+        # State that checkpoints carry.
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped_steps = 0
+        self.best_val_loss = math.inf
+        self.last_val_loss: float | None = None
+        self.wandb_run_id: str | None = None
+        self.logger: RunLogger | None = None
+
+    # ----------------------------------------------------------------- steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on all but the last micro-step (FSDP2: reduce-scatter)."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        if hasattr(self.model, "no_sync"):  # DDP
+            return contextlib.nullcontext() if sync else self.model.no_sync()
+        if hasattr(self.raw_model, "set_requires_gradient_sync"):  # FSDP2
+            self.raw_model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
+        """One micro-batch. The loss is weighted by its share of the step's tokens, so the
+        accumulated gradient equals that of one big batch (DDP then averages over ranks)."""
+        tokens_per_rank_step = self.cfg.micro_batch_size * self.cfg.block_size * self.grad_accum
+        n_valid = (y != -1).sum()
+        with self._sync_context(sync), self.autocast():
+            loss = self.model(x, y).loss
+            scaled = loss * (n_valid / tokens_per_rank_step)
+        self.scaler.scale(scaled).backward()
+        return scaled.detach()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: accumulate micro-batches, clip, step, schedule."""
+        lr = set_lr(self.optimizer, lr_multiplier(self.step, self.cfg.scheduler, self.cfg.max_steps))
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss_sum += self.forward_backward_step(x, y, sync=micro == self.grad_accum - 1)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_grad_norm()
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        self.skipped_steps += int(skipped)
+        loss = all_reduce_mean(loss_sum).item()
+        if not math.isfinite(loss) and not self.scaler.is_enabled():
+            raise TrainingDiverged(
+                f"loss is {loss} at step {self.step + 1}; training stopped. Lower optimizer.lr, "
+                f"keep optimizer.grad_clip > 0, or use precision=bf16/fp32. "
+                f"The last checkpoint (if any) is in {self.output_dir / 'checkpoints'}."
+            )
+        self.step += 1
+        self.tokens_seen += self.cfg.total_batch_tokens
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                "train/skipped_steps": float(self.skipped_steps)}
+
+    def _clip_grad_norm(self) -> float:
+        max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
+            norm = norm.full_tensor()
+        return float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean val loss over `eval_iters` batches split across ranks (same batches every time)."""
+        self.model.eval()
+        self.val_loader.reset()
+        iters = max(1, math.ceil(self.cfg.eval_iters / self.dist.world_size))
+        total = torch.zeros((), device=self.device)
+        done = 0
+        for _ in range(iters):
+            if any_rank(self._preempted(), self.device):  # all ranks leave together (FSDP forwards are collective)
+                break
+            x, y = self.val_loader.next_batch()
+            with self.autocast():
+                total += self.model(x.to(self.device), y.to(self.device)).loss.float()
+            done += 1
+        self.model.train()
+        loss = all_reduce_mean(total / max(1, done)).item()
+        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+
+    @torch.no_grad()
+    def sample(self) -> str | None:
+        """Text from the fixed prompt (same seed every time, global RNG untouched)."""
+        if not self.cfg.sample_prompt or self.cfg.sample_tokens == 0 or self.tokenizer is None:
+            return None
+        ids = self.tokenizer.encode(self.cfg.sample_prompt)
+        room = self.raw_model.cfg.n_positions - self.cfg.sample_tokens
+        idx = torch.tensor([ids[-room:]], dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        self.raw_model.eval()
+        with self.autocast():
+            out = generate(self.raw_model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
+                           generator=generator)
+        self.raw_model.train()
+        return self.tokenizer.decode(out[0].tolist())
+
+    # ----------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Global trainer state (the same on every rank)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "skipped_steps": self.skipped_steps,
+            "best_val_loss": self.best_val_loss,
+            "last_val_loss": self.last_val_loss,
+            "wandb_run_id": self.wandb_run_id,
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        self.last_val_loss = state.get("last_val_loss")
+        self.wandb_run_id = state.get("wandb_run_id")
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's own state: its data position and RNG streams."""
+        return {"train_loader": self.train_loader.state_dict(), "rng": ckpt.capture_rng_state()}
+
+    def save_checkpoint(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.output_dir / "checkpoints", self.step,
+            model=self.model, optimizer=self.optimizer,
+            trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
+            config=to_dict(self.cfg), val_loss=self.last_val_loss,
+            keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
+            sharded=self.sharded,
+        )
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, sharded=self.sharded)
+        self.load_state_dict(loaded.trainer_state)
+        if loaded.rank_state is not None:
+            self.train_loader.load_state_dict(loaded.rank_state["train_loader"])
+            ckpt.restore_rng_state(loaded.rank_state["rng"])
+        else:
+            log.warning("checkpoint %s has no state for rank %d (world size changed): data order and RNG "
+                        "streams restart from the seed", path, self.dist.rank)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------- loop
+
+    def _preempted(self) -> bool:
+        return self.preemption is not None and self.preemption.requested
+
+    def _run_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.last_val_loss = metrics["val/loss"]
+        self.best_val_loss = min(self.best_val_loss, self.last_val_loss)
+        text = self.sample()
+        if self.logger is not None:
+            self.logger.log(self.step, metrics, f"step {self.step}: val loss {metrics['val/loss']:.4f} "
+                                                f"(ppl {metrics['val/perplexity']:.1f})")
+            if text is not None:
+                self.logger.log_text(self.step, "sample", text)
+        return metrics
+
+    def _should(self, interval: int) -> bool:
+        return interval > 0 and self.step % interval == 0 and self.step < self.cfg.max_steps
+
+    def fit(self) -> float:
+        """Train to `max_steps`, evaluating and checkpointing on schedule; returns the final val loss."""
+        cfg = self.cfg
+        flops_per_step = self.raw_model.flops_per_token(cfg.block_size) * cfg.total_batch_tokens
+        peak = cfg.peak_flops or detect_peak_flops(
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
+        progress = _Progress(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
+        t_last, steps_since = time.perf_counter(), 0
+        self.model.train()
+        with progress:
+            while self.step < cfg.max_steps:
+                if any_rank(self._preempted(), self.device):
+                    self._stop_for_preemption()
+                metrics = self.train_step()
+                steps_since += 1
+                progress.update(self.step, metrics["train/loss"])
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    dt = time.perf_counter() - t_last
+                    tok_s = steps_since * cfg.total_batch_tokens / dt
+                    metrics["perf/tokens_per_s"] = tok_s
+                    if peak:
+                        metrics["perf/mfu"] = flops_per_step * steps_since / dt / (peak * self.dist.world_size)
+                    metrics["train/tokens_seen"] = float(self.tokens_seen)
+                    eta = (cfg.max_steps - self.step) * dt / steps_since
+                    if self.logger is not None:
+                        mfu = f" mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+                        self.logger.log(self.step, metrics,
+                                        f"step {self.step}/{cfg.max_steps} loss {metrics['train/loss']:.4f} "
+                                        f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
+                                        f"{tok_s:,.0f} tok/s{mfu} eta {format_duration(eta)}")
+                    t_last, steps_since = time.perf_counter(), 0
+                if self._should(cfg.eval_interval):
+                    self._run_eval()
+                if self._should(cfg.checkpoint.interval):
+                    self.save_checkpoint()
+        final = self._run_eval()
+        if cfg.checkpoint.save_final:
+            self.save_checkpoint()
+        return final["val/loss"]
+
+    def _stop_for_preemption(self) -> None:
+        log.warning("preemption signal received: saving a checkpoint at step %d and exiting", self.step)
+        self.save_checkpoint()
+        raise TrainingInterrupted(f"preempted at step {self.step}; checkpoint saved, resume with resume=auto")
+
+
+class _Progress:
+    """A rich progress bar on an interactive console (rank 0), otherwise nothing."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        import sys
+
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
+
+    def __enter__(self) -> _Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+
+# ----------------------------------------------------------------------- build
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_data(cfg: TrainConfig, dist: DistInfo) -> tuple[TokenLoader, TokenLoader]:
+    """Prepare the corpus on rank 0 first (the others then hit the cache), then open loaders."""
+    prepared: PreparedData | None = None
+    if dist.is_main:
+        prepared = prepare_data(cfg.data)
+    barrier()
+    if prepared is None:
+        prepared = prepare_data(cfg.data)
+    common = dict(rank=dist.rank, world_size=dist.world_size)
+    train_loader = TokenLoader(prepared.train_path, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed, **common)
+    val_loader = TokenLoader(prepared.val_path, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
+                             shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
+    """Random GPT-2 init, or Hugging Face weights when `init.pretrained` is set and no
+    checkpoint is being resumed (a checkpoint always wins)."""
+    if cfg.init.pretrained and not resuming:
+        from gpt2.pretrained import load_pretrained
+
+        model = load_pretrained(cfg.init.pretrained)
+        if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
+            log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
+                        cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
+        cfg.model = model.cfg
+        return model
+    if cfg.init.pretrained:
+        log.info("resuming from a checkpoint: init.pretrained=%s is not loaded", cfg.init.pretrained)
+    return GPT(cfg.model)
+
+
+def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `resume=auto` looks in this run dir, a path must hold one."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = ckpt.find_latest(output_dir)
+        log.info("resume=auto: %s", f"resuming from {found}" if found else f"no checkpoint in {output_dir}, "
+                                                                              "starting fresh")
+        return found
+    return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def _checkpoint_model_config(cfg: TrainConfig, path: Path) -> None:
+    """A resumed run takes its architecture from the checkpoint (model=... cannot change it)."""
+    from gpt2.config import ModelConfig, from_dict
+
+    saved = from_dict(ModelConfig, ckpt.read_meta(path)["config"]["model"])
+    if saved != cfg.model:
+        log.warning("resuming %s: using its model config (%s) instead of model=%s", path, saved.name, cfg.model.name)
+        cfg.model = saved
+
+
+def train(cfg: TrainConfig, output_dir: str | Path) -> float:
+    """Build everything from `cfg`, train, and return the final validation loss."""
+    from gpt2.slurm import init_slurm_env
+
+    output_dir = Path(output_dir)
+    init_slurm_env()
+    dist = init_distributed(cfg.distributed, cfg.device)
+    preemption = PreemptionHandler()
+    preemption.install()
+    logger: RunLogger | None = None
+    try:
+        if dist.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
+        if cfg.precision.name == "bf16" and dist.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("precision=bf16 but this GPU has no bf16 support; use precision=fp16 or fp32.")
+        if cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and dist.enabled:
+            raise UserError("optimizer=muon is not supported with distributed=fsdp; use distributed=ddp "
+                            "or optimizer=adamw.")
+        seed_everything(cfg.seed)
+        resume_from = resolve_resume(cfg, output_dir)
+        if resume_from is not None:
+            _checkpoint_model_config(cfg, resume_from)
+        tokenizer = get_tokenizer(cfg.data.tokenizer_path)
+        train_loader, val_loader = build_data(cfg, dist)
+        torch.manual_seed(cfg.seed)  # the same init on every rank, independent of data prep
+        model = build_model(cfg, resuming=resume_from is not None).to(dist.device)
+        model = wrap_model(model, cfg.distributed, dist)
+        if cfg.compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
+        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption)
+        if resume_from is not None:
+            trainer.load_checkpoint(resume_from)
+        if dist.is_main:
+            logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
+            trainer.logger = logger
+            trainer.wandb_run_id = logger.wandb_run_id
+            n_params = trainer.raw_model.num_params()
+            log.info("model %s: %.2fM parameters; %d rank(s) on %s; %s; grad accumulation %d; run dir %s",
+                     cfg.model.name, n_params / 1e6, dist.world_size, dist.device, cfg.precision.name,
+                     trainer.grad_accum, output_dir)
+        return trainer.fit()
+    finally:
+        if logger is not None:
+            logger.finish()
+        preemption.uninstall()
+        cleanup()
+

@@ -1,0 +1,106 @@
+"""Every shipped YAML composes into a valid TrainConfig and builds; bad values fail clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2 import config as C
+from gpt2.model import GPT
+
+from .helpers import CONF, REPO, compose_train, subprocess_env
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group",
+    ["model", "optimizer", "scheduler", "precision", "distributed", "data", "logger", "experiment"],
+)
+def test_every_group_option_composes_and_validates(group: str) -> None:
+    options = group_options(group)
+    assert options, f"conf/{group} is empty"
+    for option in options:
+        overrides = [f"{group}={option}"]
+        if group == "data" and option in ("text", "hf"):
+            overrides.append("data.path=corpus.txt")
+        cfg = compose_train(overrides)
+        assert isinstance(cfg, C.TrainConfig)
+        C.validate(cfg)
+        if group == "model":
+            assert cfg.model.name == option
+            with torch.device("meta"):  # build without allocating gpt2-xl
+                model = GPT(cfg.model)
+            assert model.num_params() > 0
+        if group != "experiment":
+            assert getattr(cfg, group).name == option
+
+
+def test_model_yaml_mirrors_presets() -> None:
+    for name, arch in C.MODEL_PRESETS.items():
+        cfg = compose_train([f"model={name}"])
+        assert {k: getattr(cfg.model, k) for k in arch} == arch
+    with pytest.raises(C.ConfigError, match="'gpt3' is not a known model; choose one of"):
+        C.model_preset("gpt3")
+
+
+def test_defaults_and_overrides() -> None:
+    cfg = compose_train(["model=tiny", "optimizer.lr=1e-3", "precision=bf16", "max_steps=7"])
+    assert cfg.optimizer.lr == 1e-3 and cfg.precision.name == "bf16" and cfg.max_steps == 7
+    assert cfg.model.n_embd == 64
+    assert C.from_dict(C.TrainConfig, C.to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: setattr(c.model, "n_head", 3), "model.n_embd=64 is not divisible by model.n_head=3"),
+        (lambda c: setattr(c, "block_size", 512), "block_size=512 exceeds model.n_positions=256"),
+        (lambda c: setattr(c, "total_batch_tokens", 1000), "total_batch_tokens=1000 is not divisible"),
+        (lambda c: setattr(c.optimizer, "lr", -1.0), "optimizer.lr=-1.0 must be greater than 0"),
+        (lambda c: setattr(c.scheduler, "name", "step"), "scheduler.name='step' is not supported"),
+        (lambda c: setattr(c.scheduler, "warmup_steps", 5000), "warmup_steps=5000 exceeds max_steps"),
+    ],
+)
+def test_validate_names_key_value_and_fix(change, message: str) -> None:
+    cfg = compose_train(["model=tiny"])
+    change(cfg)
+    with pytest.raises(C.ConfigError, match=message):
+        C.validate(cfg)
+
+
+def test_batch_must_divide_by_world_size() -> None:
+    cfg = compose_train(["model=tiny", "total_batch_tokens=1024", "micro_batch_size=8", "block_size=128"])
+    assert C.grad_accum_steps(cfg, 1) == 1
+    with pytest.raises(C.ConfigError, match=r"micro_batch_size \* block_size \* world_size = 8 \* 128 \* 2 = 2048"):
+        C.validate(cfg, world_size=2)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "run_train.py"), *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["model=tiny", "model.n_head=3"], "model.n_embd=64 is not divisible by model.n_head=3"),
+        (["model=tiny", "block_size=1024"], "block_size=1024 exceeds model.n_positions=256"),
+        (["model=tiny", "total_batch_tokens=1000"], "total_batch_tokens=1000 is not divisible"),
+        (["model=gpt5"], "Could not find 'model/gpt5'"),
+        (["max_steps=many"], "max_steps"),
+        (["data=text"], "data.path"),
+    ],
+)
+def test_cli_rejects_bad_values_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:
+    result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert expected in output, output
+    assert "Traceback" not in output, output

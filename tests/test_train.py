@@ -1,0 +1,127 @@
+"""The trainer end to end: learning on the demo corpus, accumulation/DDP equivalence,
+torchrun (DDP, FSDP2) in one run dir, precisions, W&B offline files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2.config import TrainConfig
+from gpt2.distributed import DistInfo
+from gpt2.logging import read_metrics
+from gpt2.model import GPT
+from gpt2.optim import build_optimizer
+from gpt2.trainer import Trainer, build_data, train
+
+from .helpers import compose_train, run_torchrun, run_train_cli
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+
+
+def test_tiny_model_learns_shakespeare(tmp_path: Path, base_overrides: list[str]) -> None:
+    cfg = compose_train([*base_overrides, "max_steps=50", "eval_interval=25", "eval_iters=4", "optimizer.lr=3e-3",
+                         "scheduler.warmup_steps=5", "total_batch_tokens=1024", "micro_batch_size=8",
+                         "block_size=64"])
+    final = train(cfg, tmp_path)
+    val = losses(tmp_path, "val/loss")
+    assert sorted(val) == [0, 25, 50]
+    assert val[0] > 10.0  # ln(50257) = 10.8 at random init
+    assert final == val[50] and final < val[0] - 3.0, val
+    samples = [r["sample"] for r in read_metrics(tmp_path / "metrics.jsonl") if "sample" in r]
+    assert samples[-1].startswith("ROMEO:") and len(samples[-1]) > len("ROMEO:") + 20
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert any((tmp_path / "checkpoints").glob("step_00000050/COMPLETE"))
+
+
+def make_trainer(cfg: TrainConfig, tmp_path: Path) -> Trainer:
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    train_loader, val_loader = build_data(cfg, info)
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model)
+    return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), train_loader, val_loader, info, tmp_path)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, base_overrides: list[str]) -> None:
+    common = [*base_overrides, "total_batch_tokens=512", "block_size=64", "optimizer.grad_clip=0",
+              "model.dropout=0.0", "scheduler.warmup_steps=0"]
+    big = make_trainer(compose_train([*common, "micro_batch_size=8"]), tmp_path / "a")
+    accum = make_trainer(compose_train([*common, "micro_batch_size=2"]), tmp_path / "b")
+    assert (big.grad_accum, accum.grad_accum) == (1, 4)
+    for _ in range(2):
+        m_big, m_acc = big.train_step(), accum.train_step()
+        assert m_big["train/loss"] == pytest.approx(m_acc["train/loss"], rel=1e-5)
+        assert m_big["train/grad_norm"] == pytest.approx(m_acc["train/grad_norm"], rel=1e-4)
+    for (name, p_big), (_, p_acc) in zip(big.model.named_parameters(), accum.model.named_parameters()):
+        torch.testing.assert_close(p_big, p_acc, rtol=1e-5, atol=1e-6, msg=name)
+
+
+TORCHRUN_ARGS = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_size=32", "eval_interval=3",
+                 "eval_iters=2", "sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
+                 "log_interval=1"]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_one_run_dir_matches_single_process(tmp_path: Path, base_overrides: list[str]) -> None:
+    single = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8"], cwd=tmp_path / "single")
+    ddp = run_torchrun([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "distributed=ddp"],
+                       cwd=tmp_path / "ddp", nproc=2, delay_rank1_s=4.0)
+    assert single.run_dir.parent.parent == tmp_path / "single" / "outputs"
+    ddp_dirs = list((tmp_path / "ddp" / "outputs").glob("*/*"))
+    assert ddp_dirs == [ddp.run_dir], ddp_dirs  # both ranks agreed on one dir despite the delayed start
+    assert (ddp.run_dir / ".hydra" / "config.yaml").exists()
+    assert (ddp.run_dir / "train.log").exists()
+    # Half the micro-batches per rank (accumulation 2 -> 1 over 2 ranks): the same global batch.
+    single_losses, ddp_losses = losses(single.run_dir), losses(ddp.run_dir)
+    assert sorted(ddp_losses) == list(range(1, 7))
+    for step, loss in single_losses.items():
+        assert ddp_losses[step] == pytest.approx(loss, rel=1e-4), (step, single_losses, ddp_losses)
+    assert "2 rank(s)" in (ddp.run_dir / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_trains_and_checkpoints(tmp_path: Path, base_overrides: list[str]) -> None:
+    result = run_torchrun([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "distributed=fsdp"],
+                          cwd=tmp_path, nproc=2)
+    val = losses(result.run_dir, "val/loss")
+    assert set(val) == {0, 3, 6} and val[6] < val[0]
+    assert (result.run_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu(tmp_path: Path, base_overrides: list[str], precision: str) -> None:
+    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", f"precision={precision}",
+                         "checkpoint.save_final=false"])
+    final = train(cfg, tmp_path)
+    assert math.isfinite(final)
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert len(records) == 6
+    if precision == "fp16":
+        assert "train/skipped_steps" in records[-1]
+
+
+def test_wandb_offline_files_in_run_dir(tmp_path: Path, base_overrides: list[str], monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "logger=wandb", "max_steps=2",
+                         "checkpoint.save_final=false"])
+    train(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    assert list(runs[0].glob("*.wandb"))
+    config = (runs[0] / "files" / "config.yaml").read_text()
+    assert "total_batch_tokens" in config
+
+
+def test_cli_run_dir_layout(tmp_path: Path, base_overrides: list[str]) -> None:
+    result = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "max_steps=2"], cwd=tmp_path)
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {".hydra", "checkpoints", "metrics.jsonl", "train.log", "loss.png"} <= names, names
+    assert "step 2/2" in (result.run_dir / "train.log").read_text()
+    overrides = json.dumps(sorted((result.run_dir / ".hydra" / "overrides.yaml").read_text().split()))
+    assert "max_steps=2" in overrides
