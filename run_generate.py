@@ -1,0 +1,41 @@
+"""Sample from a trained or pretrained GPT-2: `python run_generate.py checkpoint=RUN_DIR prompt="..."`
+or `python run_generate.py pretrained=gpt2` (see conf/generate.yaml for every option).
+
+A thin Hydra entry point: it converts the composed config to a typed `GenerateConfig` and calls
+`gpt2.generate.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2.config import GenerateConfig, UserError
+
+ConfigStore.instance().store(name="base_generate", node=GenerateConfig)
+
+
+def fail(message: str) -> None:
+    """Print a user-facing error and exit non-zero, without a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+def main(dcfg: DictConfig) -> None:
+    from gpt2.generate import generate_samples
+
+    try:
+        cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        generate_samples(cfg)
+    except (UserError, ValueError) as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
