@@ -15,6 +15,7 @@ import sys
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -83,7 +84,13 @@ def _quiet_non_zero_ranks() -> None:
 
 
 def fail(message: str) -> None:
-    """Print a user-facing error and exit non-zero, without a traceback."""
+    """Print a user-facing error and exit non-zero, without a traceback.
+
+    In a multirun sweep it raises `UserError` instead (sys.exit would end the whole sweep), naming
+    the job number and its overrides; Hydra reports the failed job and the others still run."""
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
+        raise C.UserError(f"job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -106,6 +113,11 @@ def main(dcfg: DictConfig) -> float:
     try:
         return train(cfg, output_dir)
     except TrainingInterrupted as stop:
+        from gpt2.slurm import in_submitit_job, requeue_submitit_job
+
+        # In a submitit SLURM job rank 0 requeues it (same job dir; resume=auto continues).
+        if in_submitit_job() and not requeue_submitit_job() and int(os.environ.get("RANK", "0")) == 0:
+            fail(f"{stop}; the job was not requeued (see the log above)")
         sys.exit(stop.exit_code)
     except C.UserError as err:
         fail(str(err))
