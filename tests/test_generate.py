@@ -1,0 +1,186 @@
+"""gpt2.generate and run_generate.py: KV-cached sampling vs full recompute and HF, the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
+from gpt2.generate import _Streamer, generate, sample_next
+from gpt2.model import GPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_model(vocab_size: int = 101, n_positions: int = 64) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=n_positions, vocab_size=vocab_size)
+    return GPT(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def ranks_file() -> str:
+    """A local gpt2.tiktoken (read only; tests never download it)."""
+    from gpt2.tokenizer import ENV_FILE, whisper_ranks_path
+
+    for candidate in (os.environ.get(ENV_FILE), whisper_ranks_path()):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.skip(f"no GPT-2 ranks file: set {ENV_FILE} or run `python -c 'from gpt2.tokenizer import "
+                f"fetch_ranks_file; fetch_ranks_file()'` (fills {whisper_ranks_path()})")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_hf")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path
+
+
+def full_recompute(model: GPT, idx: torch.Tensor, n: int, generator: torch.Generator, **kw) -> torch.Tensor:
+    """Reference sampler without a cache: re-run the whole sequence for every token."""
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = sample_next(model(idx).logits[:, -1], generator=generator, **kw)
+            idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=10),
+                                dict(temperature=1.3, top_p=0.9), dict(top_k=20, top_p=0.5)])
+def test_cached_sampling_equals_full_recompute(kw: dict) -> None:
+    model = tiny_model().double()  # fp64 so cache/no-cache rounding cannot flip a sample
+    idx = torch.randint(0, 101, (3, 7), generator=torch.Generator().manual_seed(0))
+    got = generate(model, idx, 30, generator=torch.Generator().manual_seed(42), **kw)
+    want = full_recompute(model, idx, 30, torch.Generator().manual_seed(42), **kw)
+    assert got.shape == (3, 37)
+    assert torch.equal(got, want)
+
+
+def test_greedy_equals_hf_generate(hf_dir: Path) -> None:
+    import transformers
+
+    from gpt2.pretrained import load_pretrained
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ours = load_pretrained(str(hf_dir))
+    prompt = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=50,
+                           min_new_tokens=50, pad_token_id=50256)
+    got = generate(ours, prompt, 50, temperature=0.0)
+    assert got.shape == want.shape == (2, 59)
+    assert got.tolist() == want.tolist()
+
+
+def test_sample_next_top_k_and_top_p_sets() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_p=0.8, generator=g).unique().tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.81, generator=g).unique().tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_k=3, generator=g).unique().tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_p=0.01, generator=g).unique().tolist()) == {0}
+    assert set(sample_next(logits, generator=g).unique().tolist()) == {0, 1, 2, 3}
+    assert sample_next(logits[:1], temperature=0.0).tolist() == [[0]]
+
+
+def test_eos_on_token_and_limits() -> None:
+    model = tiny_model(n_positions=32)
+    idx = torch.randint(0, 101, (2, 4))
+    seen: list[torch.Tensor] = []
+    out = generate(model, idx, 10, temperature=0.0, on_token=seen.append)
+    assert len(seen) == 10 and torch.equal(torch.cat(seen, dim=1), out[:, 4:])
+    eos = int(out[0, 6])  # the third greedy token of row 0 becomes "end of text"
+    stopped = generate(model, idx, 10, temperature=0.0, eos_token=eos)
+    assert stopped.size(1) <= 14 and stopped[0, 6] == eos
+    assert (stopped[0, 6:] == eos).all()
+    with pytest.raises(UserError, match=r"prompt of 4 tokens \+ max_new_tokens=29 = 33 exceeds n_positions=32"):
+        generate(model, idx, 29)
+    assert generate(model, idx, 28).shape == (2, 32)
+    assert model.training is False
+
+
+def test_streamer_holds_partial_utf8(ranks_file: str) -> None:
+    from gpt2.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(ranks_file)
+    text = "naïve 🤖 says 你好!"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
+    out = io.StringIO()
+    streamer = _Streamer(tok.decode, out)
+    pieces = []
+    for i in ids:
+        before = out.getvalue()
+        streamer(torch.tensor([[i]]))
+        pieces.append(out.getvalue()[len(before):])
+    streamer.finish()
+    assert out.getvalue() == text and not any("\ufffd" in p for p in pieces)
+
+
+def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(REPO / "run_generate.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None:
+    common = [f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", "prompt=Hello world", "max_new_tokens=24",
+              "device=cpu"]
+    a = run_generate([*common, "seed=1", "num_samples=2"], tmp_path)
+    assert a.returncode == 0, a.stderr
+    samples = a.stdout.strip("\n").split("\n---------------\n")
+    assert len(samples) == 2 and all(s.startswith("Hello world") and len(s) > 20 for s in samples)
+    b = run_generate([*common, "seed=1", "num_samples=2", "stream=true"], tmp_path)
+    assert b.returncode == 0, b.stderr
+    assert b.stdout == a.stdout  # same seed, same text, streamed or not
+    c = run_generate([*common, "seed=2", "num_samples=2"], tmp_path)
+    assert c.returncode == 0 and c.stdout != a.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
+
+    long_prompt = "prompt=" + "word " * 120
+    d = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", long_prompt, "max_new_tokens=20",
+                      "crop_prompt=false"], tmp_path)
+    assert d.returncode == 2 and "Traceback" not in d.stderr
+    assert d.stderr.startswith("error: the prompt is 120 tokens") and "crop_prompt=true" in d.stderr
+    e = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", long_prompt, "max_new_tokens=20",
+                      "temperature=0"], tmp_path)
+    assert e.returncode == 0, e.stderr
+    assert "prompt cropped to its last 108 of 120 tokens" in e.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path) -> None:
+    from gpt2.checkpoint import save_checkpoint
+
+    model = tiny_model(vocab_size=50257)
+    run_dir = tmp_path / "run"
+    save_checkpoint(run_dir, 3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    trainer_state={}, rank_state={}, config=to_dict(TrainConfig(model=model.cfg)), val_loss=None,
+                    keep_last=2, keep_best=False, sharded=False)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    ok = run_generate([f"checkpoint={run_dir}", f"tokenizer_path={ranks_file}", "prompt=ROMEO:", "max_new_tokens=8",
+                       "temperature=0"], work)
+    assert ok.returncode == 0, ok.stderr
+    from gpt2.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(ranks_file)
+    ids = generate(model, torch.tensor([tok.encode("ROMEO:")]), 8, temperature=0.0)
+    assert ok.stdout == tok.decode(ids[0].tolist()) + "\n"
+
+    bad = run_generate([f"checkpoint={tmp_path / 'missing'}", f"tokenizer_path={ranks_file}"], work)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+    both = run_generate([f"checkpoint={run_dir}", "pretrained=gpt2"], work)
+    assert both.returncode == 2 and "exactly one of checkpoint" in both.stderr and "Traceback" not in both.stderr
+    assert sorted(p.name for p in work.iterdir()) == []
