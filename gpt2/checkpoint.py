@@ -106,6 +106,17 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
+def _io_error(exc: BaseException | None) -> BaseException | None:
+    """The OSError behind `exc` (torch.save reports ENOSPC as a RuntimeError raised while handling it)."""
+    from safetensors import SafetensorError
+
+    while exc is not None:
+        if isinstance(exc, (OSError, SafetensorError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path} is missing; the checkpoint is incomplete or not a gpt2 checkpoint.")
@@ -316,8 +327,9 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module, optimizer: torch
         if not _all_ok(error is None):
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if error is None or isinstance(error, OSError):
-                why = _short(error) if error is not None else "another rank failed to write its part"
+            io_error = _io_error(error)
+            if error is None or io_error is not None:
+                why = _short(io_error) if io_error is not None else "another rank failed to write its part"
                 raise UserError(f"could not write checkpoint to {final}: {why}; earlier checkpoints are intact.") \
                     from error
             raise error

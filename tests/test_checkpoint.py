@@ -1,0 +1,566 @@
+"""Checkpoint save/load/discovery/retention, crash safety and preemption signals.
+
+Run as a script (``python tests/test_checkpoint.py MODE ...``) this file also provides the worker processes the
+tests start: a save loop that gets SIGKILLed, a 2-rank FSDP2 (gloo, CPU) save/load, and a signal self-test.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from gpt2.checkpoint import (  # noqa: E402
+    capture_rng_state,
+    find_latest,
+    load_checkpoint,
+    load_model_state,
+    read_meta,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from gpt2.config import UserError  # noqa: E402
+from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
+
+VOCAB = 32
+
+
+class TinyLM(nn.Module):
+    """GPT-shaped toy: tied embedding / head, keys like gpt2.model.GPT."""
+
+    def __init__(self, n_embd: int = 16, n_layer: int = 2) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(VOCAB, n_embd),
+            h=nn.ModuleList([nn.Linear(n_embd, n_embd) for _ in range(n_layer)]),
+        ))
+        self.lm_head = nn.Linear(n_embd, VOCAB, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.transformer.wte(idx)
+        for block in self.transformer.h:
+            x = x + torch.tanh(block(x))
+        return self.lm_head(x)
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, VOCAB, (2, 8), generator=g)
+    logits = model(idx)  # (B, T, V)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), idx.roll(-1, 1).reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def make(seed: int = 0, **kw: int) -> tuple[TinyLM, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = TinyLM(**kw)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, **kw) -> Path:
+    args = dict(trainer_state={"step": step}, rank_state={"pos": step}, config={"seed": 1}, val_loss=None,
+                keep_last=10, keep_best=True, sharded=False)
+    args.update(kw)
+    return save_checkpoint(root, step, model=model, optimizer=opt, **args)
+
+
+def assert_same_params(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+# ------------------------------------------------------------------ round trip
+
+
+def test_round_trip_model_optimizer_trainer_rank_state(tmp_path: Path) -> None:
+    model, opt = make(0)
+    train_step(model, opt, 1)
+    trainer_state = {"step": 7, "tokens_seen": 1234, "best_val_loss": 2.5, "wandb_run_id": "abc",
+                     "scheduler": {"last_epoch": 7, "base_lrs": [0.01]}, "scaler": {"scale": torch.tensor(2.0)}}
+    rank_state = {"data_pos": 42, "rng": capture_rng_state()}
+    path = save(tmp_path, 7, model, opt, trainer_state=trainer_state, rank_state=rank_state, val_loss=2.5,
+                config={"model": {"n_embd": 16}})
+    assert path == tmp_path / "checkpoints" / "step_00000007"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "COMPLETE", "meta.json", "model.safetensors", "optimizer.pt", "rank_00000.pt", "trainer.pt"]
+    meta = read_meta(path)
+    assert meta["step"] == 7 and meta["val_loss"] == 2.5 and meta["world_size"] == 1 and meta["sharded"] is False
+    assert meta["config"] == {"model": {"n_embd": 16}} and meta["format"] == 1 and "T" in meta["time"]
+
+    model2, opt2 = make(99)
+    loaded = load_checkpoint(tmp_path, model=model2, optimizer=opt2, sharded=False)
+    assert loaded.step == 7 and loaded.path == path
+    assert loaded.trainer_state["tokens_seen"] == 1234 and loaded.trainer_state["wandb_run_id"] == "abc"
+    assert torch.equal(loaded.trainer_state["scaler"]["scale"], torch.tensor(2.0))
+    assert loaded.rank_state is not None and loaded.rank_state["data_pos"] == 42
+    assert_same_params(model, model2)
+    assert model2.lm_head.weight is model2.transformer.wte.weight  # still tied after load
+    # Optimizer state restored: the next step is bit-identical.
+    assert train_step(model, opt, 2) == train_step(model2, opt2, 2)
+    assert_same_params(model, model2)
+
+
+def test_tied_weights_stored_once_and_retied(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model, opt = make(0)
+    path = save(tmp_path, 1, model, opt)
+    with safe_open(path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "transformer.wte.weight" in f.keys()
+    sd = load_model_state(path)
+    assert set(sd) == set(model.state_dict())
+    assert sd["lm_head.weight"] is sd["transformer.wte.weight"]
+    assert read_meta(path)["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+
+
+def test_rng_capture_restore_exact() -> None:
+    def draw() -> tuple:
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3))
+
+    random.gauss(0, 1)
+    np.random.randn()  # leave cached gaussians in both generators
+    draw()
+    state = capture_rng_state()
+    first = draw()
+    buf = __import__("io").BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    restored = torch.load(buf, weights_only=True)
+    draw()
+    restore_rng_state(restored)
+    second = draw()
+    assert first[:4] == second[:4] and torch.equal(first[4], second[4])
+
+
+def test_wrappers_are_unwrapped(tmp_path: Path) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model, opt = make(0)
+        ddp = DDP(model)
+        wrapped = torch.compile(ddp)  # keys would be _orig_mod.module.*
+        assert all(k.startswith("_orig_mod.module.") for k in wrapped.state_dict())
+        path = save(tmp_path / "run", 3, wrapped, opt)
+        keys = set(load_model_state(path))
+        assert keys == set(model.state_dict())
+        model2, opt2 = make(5)
+        load_checkpoint(path, model=DDP(model2), optimizer=opt2, sharded=False)
+        assert_same_params(model, model2)
+        assert read_meta(path)["world_size"] == 1
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ atomicity
+
+
+def test_failed_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
+    model, opt = make(0)
+    first = save(tmp_path, 1, model, opt)
+    with pytest.raises(Exception, match="lambda|pickle"):
+        save(tmp_path, 2, model, opt, trainer_state={"bad": lambda: 0})
+    assert find_latest(tmp_path) == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    load_checkpoint(tmp_path, model=make(1)[0], optimizer=None, sharded=False)
+
+
+def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root or no CAP_SYS_ADMIN)")
+    try:
+        model, opt = make(0)
+        first = save(mnt, 1, model, opt)
+        big = {"blob": torch.zeros(512 * 1024)}  # 2 MiB: does not fit
+        with pytest.raises(UserError, match=r"could not write checkpoint to .*step_00000002.*No space left.*intact"):
+            save(mnt, 2, model, opt, rank_state=big)
+        assert sorted(p.name for p in (mnt / "checkpoints").iterdir()) == ["step_00000001"]
+        assert resolve_checkpoint(mnt) == first
+        load_checkpoint(mnt, model=make(1)[0], optimizer=make(1)[1], sharded=False)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_unwritable_root_is_user_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    model, opt = make(0)
+    with pytest.raises(UserError, match=r"could not write checkpoint to .*afile.*earlier checkpoints are intact"):
+        save(tmp_path / "afile" / "run", 1, model, opt)
+
+
+def test_enospc_at_rename_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = make(0)
+    first = save(tmp_path, 1, model, opt)
+
+    def no_space(src: object, dst: object) -> None:  # simulates the disk only
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(UserError, match="No space left on device"):
+        save(tmp_path, 2, model, opt)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    assert find_latest(tmp_path) == first
+
+
+def test_resave_same_step_replaces(tmp_path: Path) -> None:
+    model, opt = make(0)
+    save(tmp_path, 5, model, opt)
+    model_b, opt_b = make(1)
+    path = save(tmp_path, 5, model_b, opt_b, trainer_state={"step": 5, "second": True})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
+    model2, _ = make(2)
+    loaded = load_checkpoint(path, model=model2, optimizer=None, sharded=False)
+    assert loaded.trainer_state["second"] is True
+    assert_same_params(model_b, model2)
+
+
+def test_crash_between_renames_keeps_old_discoverable(tmp_path: Path) -> None:
+    model, opt = make(0)
+    path = save(tmp_path, 5, model, opt)
+    old = path.with_name(path.name + ".old")
+    os.replace(path, old)  # state after "move old aside", before "move new in"
+    (tmp_path / "checkpoints" / "step_00000005.tmp").mkdir()
+    assert find_latest(tmp_path) == old
+    save(tmp_path, 6, model, opt)  # the next save cleans the leftovers up
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005.old", "step_00000006"]
+
+
+# --------------------------------------------------------------- kill -9 loop
+
+
+def _main_save_loop(root: str) -> None:
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])  # ~1.6 M params, ~25 MB with Adam state
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 512)).sum().backward()
+    opt.step()
+    latest = find_latest(root)
+    step = read_meta(latest)["step"] + 1 if latest else 1
+    while True:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(step))
+                opt.state[p]["exp_avg"].fill_(float(step))
+        save_checkpoint(Path(root), step, model=model, optimizer=opt, trainer_state={"step": step},
+                        rank_state={"step": step}, config={}, val_loss=None, keep_last=2, keep_best=False,
+                        sharded=False)
+        print(f"saved {step}", flush=True)
+        step += 1
+
+
+def test_sigkill_during_save_never_corrupts(tmp_path: Path) -> None:
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    steps, interrupted = [], 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, __file__, "save_loop", str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=REPO)
+        try:
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready, "save loop produced no checkpoint in 60 s"
+            assert proc.stdout.readline().startswith(b"saved"), proc.stderr.read().decode()
+            time.sleep(rng.uniform(0.0, 0.5))
+        finally:
+            proc.kill()
+            proc.wait()
+        ckpt_dir = tmp_path / "checkpoints"
+        interrupted += any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir())
+        latest = find_latest(tmp_path)
+        assert latest is not None
+        step = read_meta(latest)["step"]
+        model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
+        opt = torch.optim.AdamW(model.parameters())
+        loaded = load_checkpoint(latest, model=model, optimizer=opt, sharded=False)
+        assert loaded.trainer_state == {"step": step} and loaded.rank_state == {"step": step}
+        assert all(bool((p == step).all()) for p in model.parameters())  # every file from the same save
+        assert all(bool((s["exp_avg"] == step).all()) for s in opt.state_dict()["state"].values())
+        steps.append(step)
+    assert steps == sorted(steps) and steps[-1] > steps[0]
+    print(f"kill steps {steps}, {interrupted} kills left a partial .tmp")
+
+
+# ------------------------------------------------------------------ retention
+
+
+def test_retention_keeps_last_best_and_newest(tmp_path: Path) -> None:
+    model, opt = make(0)
+    ckpts = tmp_path / "checkpoints"
+    stale = ckpts / "step_00000099.tmp"
+    stale.mkdir(parents=True)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    for step, loss in zip([1, 2, 3, 4, 5], [3.0, 1.0, 2.0, 4.0, float("nan")]):
+        save(tmp_path, step, model, opt, val_loss=loss, keep_last=2, keep_best=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000005"]
+    assert read_meta(ckpts / "step_00000005")["val_loss"] is None  # NaN is stored as null, never "best"
+    # Resumed from an older checkpoint: the fresh save is kept even though two newer steps exist.
+    save(tmp_path, 3, model, opt, val_loss=5.0, keep_last=2, keep_best=False)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000003", "step_00000004", "step_00000005"]
+    save(tmp_path, 6, model, opt, keep_last=1, keep_best=False)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000006"]
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def test_find_latest_and_resolve(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert find_latest(empty) is None and find_latest(tmp_path / "missing") is None
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        resolve_checkpoint(empty)
+    with pytest.raises(UserError, match="does not exist"):
+        resolve_checkpoint(tmp_path / "missing")
+    run = tmp_path / "run"
+    model, opt = make(0)
+    save(run, 1, model, opt)
+    c2 = save(run, 2, model, opt)
+    c3 = save(run, 3, model, opt)
+    for p in (run, run / "checkpoints", c2, c2 / "model.safetensors", str(c3)):
+        assert find_latest(p) == (c2 if "00000002" in str(p) else c3)
+    (run / "checkpoints" / "step_00000009.tmp").mkdir()  # interrupted saves are ignored
+    (c3 / "COMPLETE").unlink()  # incomplete
+    assert find_latest(run) == c2 and find_latest(c3) is None
+    with pytest.raises(UserError, match="COMPLETE is missing"):
+        resolve_checkpoint(c3)
+    (c2 / "meta.json").write_text("{not json")
+    assert find_latest(run) == run / "checkpoints" / "step_00000001"
+    with pytest.raises(UserError, match=r"could not read .*meta.json"):
+        load_checkpoint(c2, model=model, optimizer=None, sharded=False)
+
+
+# ------------------------------------------------------------------ safety and corrupt files
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_malicious_pickle_does_not_execute(tmp_path: Path) -> None:
+    model, opt = make(0)
+    path = save(tmp_path, 1, model, opt)
+    marker = tmp_path / "pwned"
+    torch.save({"step": _Payload(marker)}, path / "trainer.pt")
+    with pytest.raises(UserError, match=r"could not read .*trainer\.pt"):
+        load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+    assert not marker.exists()
+    torch.load(path / "trainer.pt", weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_malicious_dcp_metadata_does_not_execute(tmp_path: Path) -> None:
+    model, opt = make(0)
+    path = save(tmp_path, 1, model, opt)
+    (path / "model.safetensors").unlink()
+    (path / "dcp").mkdir()
+    marker = tmp_path / "pwned"
+    (path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError, match=r"could not read the sharded checkpoint .*\.metadata.*not allowed"):
+        load_model_state(path)
+    assert not marker.exists()
+
+
+def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
+    model, opt = make(0)
+    path = save(tmp_path, 1, model, opt)
+    good = {f.name: f.read_bytes() for f in path.iterdir()}
+
+    st = path / "model.safetensors"
+    st.write_bytes(good["model.safetensors"][: len(good["model.safetensors"]) // 2])
+    with pytest.raises(UserError, match=r"could not read .*model\.safetensors: it is truncated or corrupt"):
+        load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+    st.write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match=r"model\.safetensors"):
+        load_model_state(path)
+    st.write_bytes(good["model.safetensors"])
+
+    for name in ("optimizer.pt", "trainer.pt", "rank_00000.pt"):
+        (path / name).write_bytes(good[name][:50])
+        with pytest.raises(UserError, match=rf"could not read .*{name.replace('.', '[.]')}.*truncated"):
+            load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+        (path / name).write_bytes(good[name])
+    load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        load_checkpoint(foreign, model=model, optimizer=None, sharded=False)
+    (path / "meta.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(UserError, match="not a gpt2 checkpoint meta file"):
+        read_meta(path)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
+    model, opt = make(0, n_embd=16)
+    save(tmp_path, 1, model, opt)
+    other, other_opt = make(0, n_embd=32)
+    with pytest.raises(UserError, match=r"'transformer\.wte\.weight' has shape \(32, 16\) in the checkpoint but "
+                                        r"\(32, 32\) in the model"):
+        load_checkpoint(tmp_path, model=other, optimizer=other_opt, sharded=False)
+    deeper, _ = make(0, n_layer=3)
+    with pytest.raises(UserError, match=r"no tensor 'transformer\.h\.2\.weight'"):
+        load_checkpoint(tmp_path, model=deeper, optimizer=None, sharded=False)
+
+
+# ------------------------------------------------------------------ FSDP2
+
+
+def _fsdp_worker(rank: int, world: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
+
+    def build(seed: int) -> tuple[TinyLM, torch.optim.Optimizer]:
+        model, _ = make(seed)
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def full(m: nn.Module) -> dict[str, torch.Tensor]:
+        return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    run = Path(out) / "run"
+    model, opt = build(0)
+    train_step(model, opt, 1)
+    ref1 = full(model)
+    save_checkpoint(run, 1, model=model, optimizer=opt, trainer_state={"step": 1}, rank_state={"rank": rank},
+                    config={}, val_loss=1.0, keep_last=2, keep_best=True, sharded=True)
+    train_step(model, opt, 2)
+    ref2 = full(model)
+    model2, opt2 = build(123)
+    loaded = load_checkpoint(run, model=model2, optimizer=opt2, sharded=True)
+    loaded1 = full(model2)
+    train_step(model2, opt2, 2)
+    got2 = full(model2)
+    if rank == 0:
+        torch.save({"ref1": ref1, "ref2": ref2, "loaded1": loaded1, "got2": got2}, Path(out) / "result.pt")
+    torch.save(loaded.rank_state, Path(out) / f"rank_state{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _main_fsdp(out: str) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, out), nprocs=2)
+
+
+def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
+    proc = run_script("fsdp", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = torch.load(tmp_path / "result.pt", weights_only=True)
+    for k in res["ref1"]:  # world size 2 -> 2: weights and optimizer state
+        torch.testing.assert_close(res["loaded1"][k], res["ref1"][k], rtol=0, atol=0)
+        torch.testing.assert_close(res["got2"][k], res["ref2"][k])
+    for r in (0, 1):
+        assert torch.load(tmp_path / f"rank_state{r}.pt", weights_only=True) == {"rank": r}
+    ckpt = find_latest(tmp_path / "run")
+    assert ckpt is not None and (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()
+    meta = read_meta(ckpt)
+    assert meta["sharded"] is True and meta["world_size"] == 2
+
+    # World size 1, no process group: the full state dict, and a resume into a plain model + optimizer.
+    sd = load_model_state(ckpt)
+    assert set(sd) == set(res["ref1"])
+    for k in sd:
+        torch.testing.assert_close(sd[k], res["ref1"][k], rtol=0, atol=0)
+    model, opt = make(7)
+    loaded = load_checkpoint(ckpt, model=model, optimizer=opt, sharded=True)
+    assert loaded.step == 1 and loaded.rank_state == {"rank": 0}
+    train_step(model, opt, 2)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, res["ref2"][k])
+    wrong, _ = make(0, n_embd=32)
+    with pytest.raises(UserError, match=r"'transformer\.wte\.weight' has shape \(32, 16\) in the checkpoint"):
+        load_checkpoint(ckpt, model=wrong, optimizer=None, sharded=True)
+
+
+# ------------------------------------------------------------------ preemption
+
+
+def _main_signals() -> None:
+    handler = PreemptionHandler().install()
+    assert signal.getsignal(signal.SIGTERM) == handler._handle
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)  # Python handlers run between bytecodes of the main thread
+    print(f"requested={handler.requested} signal={handler.signal_name} any={handler.requested_on_any_rank()}",
+          flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # second signal: die now
+    time.sleep(5)
+    print("still alive", flush=True)
+
+
+def test_preemption_first_signal_requests_second_kills() -> None:
+    proc = run_script("signals", timeout=60)
+    assert "requested=True signal=SIGUSR1 any=True" in proc.stdout
+    assert "still alive" not in proc.stdout
+    assert proc.returncode == -signal.SIGTERM
+    assert proc.stderr.count("SIGUSR1 received; will save a checkpoint") == 1
+    assert "second SIGTERM received" in proc.stderr
+    assert PREEMPTED_EXIT_CODE == 75
+
+
+def test_preemption_uninstall_restores_and_thread_is_noop() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionHandler() as handler:
+        assert signal.getsignal(signal.SIGUSR1) == handler._handle
+    assert signal.getsignal(signal.SIGTERM) == before and not handler.requested
+    caught: list[Warning] = []
+
+    def in_thread() -> None:
+        import warnings
+
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            PreemptionHandler().install()
+        caught.extend(x.message for x in w)
+
+    t = threading.Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert any("main thread" in str(m) for m in caught)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+if __name__ == "__main__":
+    globals()[f"_main_{sys.argv[1]}"](*sys.argv[2:])
