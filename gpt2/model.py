@@ -158,8 +158,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 init: normal(0, init_std) weights, zero biases, residual projections (c_proj) scaled
-        by 1/sqrt(2 * n_layer), LayerNorms at (1, 0), padded vocabulary rows zero.
-        Public so that a model built on the meta device can be initialized after `to_empty`."""
+        by 1/sqrt(2 * n_layer), LayerNorms at (1, 0). Public so that a model built on the meta device (and
+        sharded) can be initialized after `to_empty`; only whole-tensor init ops, so DTensor params work too."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -171,8 +171,6 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
-        # wte is initialized last (it is also lm_head.weight); padded rows are never used
-        self.transformer.wte.weight[self.cfg.vocab_size:].zero_()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once (padded vocab rows included). `exclude_embeddings` drops the

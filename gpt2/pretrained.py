@@ -181,9 +181,10 @@ def _download(name: str) -> Path:
         ) from err
 
 
-def load_pretrained(name_or_dir: str) -> GPT:
+def load_pretrained(name_or_dir: str, *, dropout: float = 0.0, pad_vocab_multiple: int = 1) -> GPT:
     """A GPT with Hugging Face GPT-2 weights: a local HF directory (config.json + model.safetensors or
-    pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). fp32 on the CPU."""
+    pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). fp32 on the CPU.
+    dropout and pad_vocab_multiple are not part of the weights: pass them for fine-tuning."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         directory = path
@@ -197,6 +198,8 @@ def load_pretrained(name_or_dir: str) -> GPT:
         raise UserError(f"{directory} has no config.json; pass a directory written by save_pretrained.")
     try:
         cfg = model_config_from_hf(json.loads(config_file.read_text()))
+        cfg.dropout, cfg.pad_vocab_multiple = dropout, pad_vocab_multiple
+        cfg.check()
         state = hf_to_gpt(_read_weights(directory), cfg)
     except (ValueError, KeyError) as err:
         raise UserError(f"{directory}: {err}") from err

@@ -61,7 +61,6 @@ def test_padded_vocab_logits_and_loss() -> None:
     torch.manual_seed(0)
     model = GPT(tiny(pad_vocab_multiple=64))
     assert model.transformer.wte.weight.shape == (128, 64)
-    assert torch.count_nonzero(model.transformer.wte.weight[101:]) == 0
     idx = torch.randint(0, 101, (2, 9))
     out = model(idx, targets=idx)
     assert out.logits.shape == (2, 9, 101)  # padded rows are never returned, so never sampled

@@ -46,6 +46,9 @@ def test_load_pretrained_matches_hf_logits(hf_dir: Path) -> None:
     idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(idx).logits, hf_logits(hf_dir, idx))
+        padded = load_pretrained(str(hf_dir), dropout=0.1, pad_vocab_multiple=64).eval()
+        assert padded.cfg.dropout == 0.1 and padded.transformer.wte.weight.shape == (50304, 64)
+        torch.testing.assert_close(padded(idx).logits, model(idx).logits)
 
 
 def test_old_layout_with_mask_buffers_and_bin_file(hf_dir: Path, tmp_path: Path) -> None:
