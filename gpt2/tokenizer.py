@@ -164,6 +164,26 @@ def _from_tiktoken_cache() -> Tokenizer | None:
     return None
 
 
+def pip_download_sdist(requirement: str, dest_dir: str | os.PathLike[str]) -> Path:
+    """``pip download`` the source archive of ``requirement`` into dest_dir (a subprocess, so the
+    user's pip configuration -- index URL, proxy, certificates -- applies). UserError on failure."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
+    cmd += ["-d", str(dest_dir)]
+    log.info("Downloading %s: %s", requirement, " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"`pip download {requirement}` failed: {e}") from e
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip()[-1500:]
+        raise UserError(f"`pip download {requirement}` failed (is PyPI reachable?):\n{tail}")
+    sdists = sorted(Path(dest_dir).glob("*.tar.gz"))
+    if len(sdists) != 1:
+        names = [p.name for p in sdists]
+        raise UserError(f"`pip download {requirement}` left {names} in {dest_dir}, expected one .tar.gz")
+    return sdists[0]
+
+
 def whisper_ranks_path(cache_dir: str | None = None) -> Path:
     """Where the ranks file extracted from openai-whisper is kept."""
     return Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)) / "tokenizer" / "gpt2.tiktoken"
@@ -177,25 +197,15 @@ def fetch_ranks_file(cache_dir: str | None = None) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", WHISPER_REQ, "-d", tmp]
-        log.info("Fetching the GPT-2 ranks file: %s", " ".join(cmd))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise UserError(f"`pip download {WHISPER_REQ}` failed: {e}") from e
-        if proc.returncode != 0:
-            raise UserError(f"`pip download {WHISPER_REQ}` failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if len(sdists) != 1:
-            raise UserError(f"`pip download {WHISPER_REQ}` gave {sdists}, expected one .tar.gz")
-        with tarfile.open(sdists[0]) as tar:
+        sdist = pip_download_sdist(WHISPER_REQ, tmp)
+        with tarfile.open(sdist) as tar:
             members = [m for m in tar.getmembers() if m.name.endswith("/" + WHISPER_MEMBER) and m.isfile()]
             if not members:
-                raise UserError(f"{sdists[0].name} holds no {WHISPER_MEMBER}")
+                raise UserError(f"{sdist.name} holds no {WHISPER_MEMBER}")
             data = tar.extractfile(members[0]).read()  # type: ignore[union-attr]
         digest = hashlib.sha256(data).hexdigest()
         if digest != RANKS_SHA256:
-            raise UserError(f"{WHISPER_MEMBER} from {sdists[0].name} has sha256 {digest}, expected {RANKS_SHA256}")
+            raise UserError(f"{WHISPER_MEMBER} from {sdist.name} has sha256 {digest}, expected {RANKS_SHA256}")
         part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
         part.write_bytes(data)
         os.replace(part, dest)  # atomic: concurrent fetchers all end with the same complete file
@@ -226,7 +236,7 @@ def _resolve(path: str | None, cache_dir: str | None) -> Tokenizer:
         f"  2. run `python -m pip download --no-deps --no-binary :all: {WHISPER_REQ} -d /tmp/w` where PyPI is "
         f"reachable and extract {WHISPER_MEMBER} from the tarball to {dest} (or use option 1);\n"
         "  3. allow network access to openaipublic.blob.core.windows.net once (tiktoken caches the file).\n"
-        "Attempts:\n  " + "\n  ".join(line.strip()[-600:] for line in errors)
+        "What was tried:\n" + "\n".join(err.strip()[:1500] for err in errors)
     )
 
 
