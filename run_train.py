@@ -8,9 +8,11 @@ composed config to a typed `TrainConfig`, validates it, and calls `gpt2.trainer.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import secrets
 import sys
+from typing import NoReturn
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -83,7 +85,7 @@ def _quiet_non_zero_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Print a user-facing error and exit non-zero, without a traceback.
 
     In a multirun sweep it raises `UserError` instead (sys.exit would end the whole sweep), naming
@@ -111,7 +113,7 @@ def main(dcfg: DictConfig) -> float:
         fail(str(err))
     output_dir = HydraConfig.get().runtime.output_dir
     try:
-        return train(cfg, output_dir)
+        val_loss = train(cfg, output_dir)
     except TrainingInterrupted as stop:
         from gpt2.slurm import in_submitit_job, requeue_submitit_job
 
@@ -121,7 +123,11 @@ def main(dcfg: DictConfig) -> float:
         sys.exit(stop.exit_code)
     except C.UserError as err:
         fail(str(err))
-    return float("nan")
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and os.environ.get("RANK", "0") == "0":  # what each sweep job returned
+        logging.getLogger("gpt2").info("job #%s returned final val loss %.6f (%s)", hc.job.num, val_loss,
+                                       " ".join(hc.overrides.task))
+    return val_loss
 
 
 if __name__ == "__main__":
