@@ -50,7 +50,7 @@ class LoadedCheckpoint:
     step: int
     trainer_state: dict[str, Any]
     rank_state: dict[str, Any] | None
-    """This rank's ``rank_XXXXX.pt``; None when the checkpoint has no file for this rank (new world size)."""
+    """This rank's ``rank_XXXXX.pt``; None when saved at another world size or no file exists for this rank."""
     meta: dict[str, Any]
 
 
@@ -417,11 +417,14 @@ def load_checkpoint(ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Opti
                     sharded: bool) -> LoadedCheckpoint:
     """Load weights (and optimizer state when given) in place; return step, trainer and this rank's state.
 
+    ``rank_state`` is None when the checkpoint was written at another world size (per-rank data positions and
+    RNG streams do not carry over) or has no file for this rank.
+
     Collective for sharded checkpoints (every rank calls it); plain checkpoints are read by each rank.
     """
     ckpt = resolve_checkpoint(ckpt)
     meta = read_meta(ckpt)
-    rank, _ = _rank_world()
+    rank, world = _rank_world()
     bare = unwrap_model(model)
     if meta.get("sharded") and (ckpt / DCP_DIR).is_dir():
         from gpt2.checkpoint_dcp import load_sharded
@@ -451,7 +454,8 @@ def load_checkpoint(ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     if not isinstance(trainer_state, dict):
         raise UserError(f"{ckpt / TRAINER_FILE} holds a {type(trainer_state).__name__}, not a dict.")
     rpath = ckpt / rank_file(rank)
-    rank_state = _torch_load(rpath) if rpath.exists() else None
+    same_world = meta.get("world_size") == world
+    rank_state = _torch_load(rpath) if same_world and rpath.exists() else None
     return LoadedCheckpoint(path=ckpt, step=meta["step"], trainer_state=trainer_state, rank_state=rank_state,
                             meta=meta)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,9 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
         state = {"model": msd, "optim": osd}
     check_compatible({k: tuple(v.shape) for k, v in state["model"].items()}, tensor_shapes(md, "model"), path)
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_SafeLoadPlanner())
+        with warnings.catch_warnings():  # no process group = a deliberate single-process load
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=_SafeLoadPlanner())
     except (Exception, CheckpointException) as e:
         raise _fail(path, e) from None
     if optimizer is None:

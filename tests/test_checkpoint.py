@@ -506,7 +506,7 @@ def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
         torch.testing.assert_close(sd[k], res["ref1"][k], rtol=0, atol=0)
     model, opt = make(7)
     loaded = load_checkpoint(ckpt, model=model, optimizer=opt, sharded=True)
-    assert loaded.step == 1 and loaded.rank_state == {"rank": 0}
+    assert loaded.step == 1 and loaded.rank_state is None  # saved at world size 2: per-rank state does not apply
     train_step(model, opt, 2)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, res["ref2"][k])
