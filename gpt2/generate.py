@@ -182,6 +182,9 @@ def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]
     tokenizer = get_tokenizer(cfg.tokenizer_path)
     model = load_model(cfg.checkpoint, cfg.pretrained).to(device=device, dtype=dtype).eval()
     prompt = _prompt_tokens(tokenizer.encode(cfg.prompt), cfg, model.cfg.n_positions, tokenizer.eot_token)
+    if max(prompt) >= model.cfg.vocab_size:
+        raise UserError(f"the prompt has token id {max(prompt)} but the model's vocab_size is only "
+                        f"{model.cfg.vocab_size}; this model was not trained with the GPT-2 tokenizer.")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
