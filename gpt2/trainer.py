@@ -267,6 +267,8 @@ class Trainer:
         progress = _Progress(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
         t_last, steps_since = time.perf_counter(), 0
         self.model.train()
+        if self.step == 0 and cfg.eval_interval > 0:
+            self._run_eval()  # the baseline every later evaluation is compared against
         with progress:
             while self.step < cfg.max_steps:
                 if any_rank(self._preempted(), self.device):
@@ -418,7 +420,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         resume_from = resolve_resume(cfg, output_dir)
         if resume_from is not None:
             _checkpoint_model_config(cfg, resume_from)
-        tokenizer = get_tokenizer(cfg.data.tokenizer_path)
+        tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
         train_loader, val_loader = build_data(cfg, dist)
         torch.manual_seed(cfg.seed)  # the same init on every rank, independent of data prep
         model = build_model(cfg, resuming=resume_from is not None).to(dist.device)

