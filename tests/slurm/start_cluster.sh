@@ -59,7 +59,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # --------------------------------------------------------------- slurm.conf
-CPUS="$(nproc)"
+CPUS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"  # plain nproc honours OMP_NUM_THREADS
 MEM_MB="$(free -m | awk '/^Mem:/ {print $2}')"
 REAL_MEM=$((MEM_MB > 2048 ? MEM_MB - 1024 : MEM_MB / 2))  # leave ~1 GB for the OS and daemons
 mkdir -p "$STATE_DIR/state" "$STATE_DIR/spool" "$STATE_DIR/log"
