@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 from gpt2.logging import read_metrics
+from gpt2.slurm import device_index, init_slurm_env
 
 from .helpers import REPO, subprocess_env
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+cluster_test = pytest.mark.usefixtures("slurm_cluster")
 
 SCRIPTS = REPO / "tests" / "slurm"
 TINY = ["model=tiny", "block_size=32", "micro_batch_size=4", "total_batch_tokens=128", "eval_interval=0",
@@ -74,8 +75,56 @@ def submitit_logs(sweep_dir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.out")))
 
 
-def test_two_jobs_train_on_slurm_each_in_its_own_dir(slurm_cluster: None, data_overrides: list[str],
-                                                      tmp_path: Path) -> None:
+def test_device_index_wraps_local_rank_over_visible_gpus() -> None:
+    assert [device_index(r, 4) for r in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert device_index(3, 1) == 0  # SLURM gave this task a single GPU
+    with pytest.raises(ValueError, match="no GPU is visible"):
+        device_index(0, 0)
+
+
+SLURM_TASK_ENV = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": "/tmp/submitit/%j", "SLURM_JOB_ID": "4242",
+                  "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "3",
+                  "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]"}
+
+
+@pytest.fixture
+def restored_environ() -> Iterator[None]:
+    """Put os.environ back as it was (init_slurm_env exports variables that monkeypatch never saw)."""
+    saved = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("restored_environ")
+def test_init_slurm_env_exports_torch_distributed_vars() -> None:
+    pytest.importorskip("submitit", reason="the `sweep` extra (pip install -e '.[sweep]') is not installed")
+    os.environ.update(SLURM_TASK_ENV, CUDA_VISIBLE_DEVICES="0,1")
+    assert init_slurm_env() is True
+    exported = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert exported == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "gpu07"}
+    assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000  # derived from the job id: the same on every task
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"  # left to SLURM; device_index picks the GPU
+    assert init_slurm_env() is False  # already exported (or set by torchrun): nothing to do
+
+
+@pytest.mark.usefixtures("restored_environ")
+def test_init_slurm_env_is_a_no_op_outside_multi_task_jobs() -> None:
+    assert init_slurm_env() is False  # plain python / not submitit
+    pytest.importorskip("submitit", reason="the `sweep` extra (pip install -e '.[sweep]') is not installed")
+    os.environ.update(SLURM_TASK_ENV, SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LOCALID="0")
+    assert init_slurm_env() is False  # a single-task job
+    assert "RANK" not in os.environ
+
+
+@cluster_test
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_jobs_train_on_slurm_each_in_its_own_dir(data_overrides: list[str], tmp_path: Path) -> None:
     proc = subprocess.run(sweep_cmd([*TINY, *data_overrides, "max_steps=10", "optimizer.lr=1e-3,3e-3"]),
                           cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -110,8 +159,29 @@ def _wait_for(what: str, check: Callable[[], object], timeout: float, proc: subp
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_signalled_job_checkpoints_requeues_and_resumes(slurm_cluster: None, data_overrides: list[str],
-                                                         tmp_path: Path) -> None:
+@cluster_test
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_tasks_of_one_slurm_job_train_as_one_ddp_group(data_overrides: list[str], tmp_path: Path) -> None:
+    """tasks_per_node=2: submitit runs the Hydra job twice, init_slurm_env turns SLURM's task ids
+    into RANK/WORLD_SIZE/MASTER_*, and the two tasks train one model (gloo DDP) in one job dir."""
+    proc = subprocess.run(sweep_cmd([*TINY, *data_overrides, "max_steps=10", "total_batch_tokens=256",
+                                     "distributed=ddp", "hydra.launcher.tasks_per_node=2", "optimizer.lr=1e-3"]),
+                          cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_dir = the_sweep_dir(tmp_path) / "0"
+    logs = submitit_logs(job_dir.parent)
+    assert re.search(r"submitit job \d+: rank 0/2 \(local rank 0\)", logs), logs
+    assert re.search(r"submitit job \d+: rank 1/2 \(local rank 1\)", logs), logs
+    assert "2 rank(s) on cpu" in logs, logs
+    checkpoint = job_dir / "checkpoints" / "step_00000010"
+    assert (checkpoint / "COMPLETE").exists() and (checkpoint / "rank_00001.pt").exists(), sorted(job_dir.rglob("*"))
+
+
+@cluster_test
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str], tmp_path: Path) -> None:
     """SIGUSR1 (what `--signal=USR1@120` sends before the time limit) -> checkpoint -> scontrol requeue
     -> the same job dir -> resume=auto continues from that step to max_steps; the sweep succeeds."""
     name = f"gpt2-preempt-{os.getpid()}"
