@@ -26,10 +26,11 @@ def fail(message: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(dcfg: DictConfig) -> None:
-    from gpt2.generate import generate_samples
-
     try:
         cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        cfg.check()  # before importing torch: a config mistake is reported at once
+        from gpt2.generate import generate_samples
+
         generate_samples(cfg)
     except (UserError, ValueError) as err:
         fail(str(err))

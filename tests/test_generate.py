@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.generate import _Streamer, generate, sample_next
+from gpt2.config import GenerateConfig, ModelConfig, TrainConfig, UserError, to_dict
+from gpt2.generate import _Streamer, generate, generate_samples, sample_next
 from gpt2.model import GPT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,15 +25,9 @@ def tiny_model(vocab_size: int = 101, n_positions: int = 64) -> GPT:
 
 
 @pytest.fixture(scope="module")
-def ranks_file() -> str:
-    """A local gpt2.tiktoken (read only; tests never download it)."""
-    from gpt2.tokenizer import ENV_FILE, whisper_ranks_path
-
-    for candidate in (os.environ.get(ENV_FILE), whisper_ranks_path()):
-        if candidate and Path(candidate).is_file():
-            return str(candidate)
-    pytest.skip(f"no GPT-2 ranks file: set {ENV_FILE} or run `python -c 'from gpt2.tokenizer import "
-                f"fetch_ranks_file; fetch_ranks_file()'` (fills {whisper_ranks_path()})")
+def ranks_file(tiktoken_file: str) -> str:
+    """The GPT-2 ranks file from conftest's shared fixture (skips when it cannot be had offline)."""
+    return tiktoken_file
 
 
 @pytest.fixture(scope="module")
@@ -134,30 +128,42 @@ def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None:
-    common = [f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", "prompt=Hello world", "max_new_tokens=24",
-              "device=cpu"]
-    a = run_generate([*common, "seed=1", "num_samples=2"], tmp_path)
-    assert a.returncode == 0, a.stderr
-    samples = a.stdout.strip("\n").split("\n---------------\n")
-    assert len(samples) == 2 and all(s.startswith("Hello world") and len(s) > 20 for s in samples)
-    b = run_generate([*common, "seed=1", "num_samples=2", "stream=true"], tmp_path)
-    assert b.returncode == 0, b.stderr
-    assert b.stdout == a.stdout  # same seed, same text, streamed or not
-    c = run_generate([*common, "seed=2", "num_samples=2"], tmp_path)
-    assert c.returncode == 0 and c.stdout != a.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
+def test_generate_samples_seed_stream_and_crop(hf_dir: Path, ranks_file: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """The body of run_generate.py, called in-process."""
+    def run(**kw) -> tuple[list[str], str]:
+        kw = {"prompt": "Hello world", "max_new_tokens": 24, **kw}
+        cfg = GenerateConfig(pretrained=str(hf_dir), tokenizer_path=ranks_file, device="cpu", num_samples=2, **kw)
+        out = io.StringIO()
+        return generate_samples(cfg, out), out.getvalue()
 
+    a_samples, a_text = run(seed=1)
+    assert len(a_samples) == 2 and all(s.startswith("Hello world") and len(s) > 20 for s in a_samples)
+    assert a_samples[0] != a_samples[1]
+    assert a_text == "\n---------------\n".join(a_samples) + "\n"
+    assert run(seed=1, stream=True) == (a_samples, a_text)  # same seed, same text, streamed or not
+    assert run(seed=2)[0] != a_samples
+    long_prompt = "word" + " word" * 119  # 120 tokens
+    cropped, _ = run(prompt=long_prompt, max_new_tokens=20, temperature=0.0)
+    assert "prompt cropped to its last 108 of 120 tokens" in capsys.readouterr().err
+    assert cropped[0].startswith(" word" * 108) and not cropped[0].startswith(" word" * 109)
+    with pytest.raises(UserError, match="the prompt is 120 tokens but only n_positions - max_new_tokens"):
+        run(prompt=long_prompt, max_new_tokens=20, crop_prompt=False)
+
+
+def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None:
+    ok = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", "prompt=Hello world",
+                       "max_new_tokens=24", "device=cpu", "seed=1", "num_samples=2"], tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    cfg = GenerateConfig(pretrained=str(hf_dir), tokenizer_path=ranks_file, prompt="Hello world",
+                         max_new_tokens=24, device="cpu", seed=1, num_samples=2)
+    assert ok.stdout == "\n---------------\n".join(generate_samples(cfg, io.StringIO())) + "\n"
     long_prompt = "prompt=" + "word " * 120
-    d = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", long_prompt, "max_new_tokens=20",
-                      "crop_prompt=false"], tmp_path)
-    assert d.returncode == 2 and "Traceback" not in d.stderr
-    assert d.stderr.startswith("error: the prompt is 120 tokens") and "crop_prompt=true" in d.stderr
-    e = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", long_prompt, "max_new_tokens=20",
-                      "temperature=0"], tmp_path)
-    assert e.returncode == 0, e.stderr
-    assert "prompt cropped to its last 108 of 120 tokens" in e.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    bad = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", long_prompt, "max_new_tokens=20",
+                        "crop_prompt=false"], tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("error: the prompt is 120 tokens") and "crop_prompt=true" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
 
 
 def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path) -> None:
