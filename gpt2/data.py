@@ -47,7 +47,7 @@ PIECE_CHARS = 1 << 20
 """Long documents are encoded in pieces of about this many characters (cut where BPE cannot merge)."""
 BATCH_CHARS = 1 << 18
 """Characters per task sent to an encoding worker."""
-COPY_TOKENS = 1 << 24
+COPY_TOKENS = 1 << 20
 """Tokens copied per chunk when writing the splits."""
 
 
@@ -283,11 +283,14 @@ def _tasks(source: _Source) -> Iterator[tuple[list[str], list[bool]]]:
     size = 0
     for doc in source.docs():
         prev: str | None = None
-        for piece in doc:
+        for piece in doc:  # look one piece ahead to know which is the document's last
             if prev is not None:
                 texts.append(prev)
                 ends.append(False)
                 size += len(prev)
+                if size >= BATCH_CHARS:
+                    yield texts, ends
+                    texts, ends, size = [], [], 0
             prev = piece
         texts.append(prev or "")
         ends.append(True)
@@ -305,7 +308,10 @@ def _encoded(source: _Source, tok: Tokenizer, num_proc: int, cache_dir: str) -> 
         for texts, ends in _tasks(source):
             yield [np.asarray(tok.encode(t), dtype=np.uint16) for t in texts], ends
         return
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe once torch/CUDA threads exist
+    # fork: workers only run tiktoken/numpy (no torch, no CUDA), and unlike spawn it works from
+    # scripts without an `if __name__ == "__main__":` guard.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ctx.Pool(num_proc, initializer=init_worker, initargs=(tok.source, cache_dir)) as pool:
         pending: deque = deque()
         for texts, ends in _tasks(source):
@@ -372,7 +378,7 @@ def _choose_val_docs(counts: np.ndarray, val_fraction: float) -> tuple[np.ndarra
 
 def _copy(tokens: np.ndarray, start: int, stop: int, f: Any) -> None:
     for i in range(start, stop, COPY_TOKENS):
-        f.write(tokens[i : min(i + COPY_TOKENS, stop)].tobytes())
+        f.write(memoryview(tokens[i : min(i + COPY_TOKENS, stop)]))  # contiguous slice: no copy
 
 
 def _write_splits(all_path: Path, counts: np.ndarray, mask: np.ndarray | None, n_val: int, out: Path) -> None:

@@ -275,3 +275,16 @@ def test_loader_too_small(tmp_path: Path, counting_file: Path) -> None:
         TokenLoader(small, batch_size=2, block_size=16)
     with pytest.raises(UserError, match="world_size=1000"):
         TokenLoader(counting_file, batch_size=2, block_size=16, world_size=1000)
+
+
+def test_long_document_is_streamed_in_bounded_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Peak memory stays flat: a long document reaches the workers in small tasks, not whole.
+    monkeypatch.setattr(D, "PIECE_CHARS", 100)
+    monkeypatch.setattr(D, "BATCH_CHARS", 300)
+    text = "".join(f"word{i} and more\n" for i in range(2000))
+    (tmp_path / "long.txt").write_text(text)
+    tasks = list(D._tasks(D._file_source([tmp_path / "long.txt"], "long")))
+    assert len(tasks) > 50
+    assert max(sum(map(len, texts)) for texts, _ in tasks) < 300 + 2 * 100
+    assert "".join(t for texts, _ in tasks for t in texts) == text
+    assert [e for _, ends in tasks for e in ends].count(True) == 1 and tasks[-1][1][-1]
