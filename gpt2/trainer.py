@@ -364,7 +364,8 @@ def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
     if cfg.init.pretrained and not resuming:
         from gpt2.pretrained import load_pretrained
 
-        model = load_pretrained(cfg.init.pretrained)
+        model = load_pretrained(cfg.init.pretrained, dropout=cfg.model.dropout,
+                                pad_vocab_multiple=cfg.model.pad_vocab_multiple)
         if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
             log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
                         cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
