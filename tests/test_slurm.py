@@ -50,7 +50,7 @@ def slurm_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def data_overrides(tiktoken_file: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def data_overrides(tiktoken_file: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     root = tmp_path_factory.mktemp("slurm_data")
     words = "the king queen lord lady speak now good my heart love night day sword crown blood time".split()
     corpus = root / "corpus.txt"
@@ -153,9 +153,9 @@ def _wait_for(what: str, check: Callable[[], object], timeout: float, proc: subp
         value = check()
         if value:
             return value
-        if proc.poll() is not None:
+        if proc.poll() is not None:  # the sweep ended early (its log says why)
             raise AssertionError(f"the sweep exited ({proc.returncode}) while waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(1.0)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -199,9 +199,18 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
             _wait_for("20 training steps", trained_a_bit, 90, proc)
             job_id, _ = _squeue_state(name) or ("", "")
             subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-            # SLURM holds a requeued job for a while (BeginTime); make it eligible now to keep the test short.
+            # SLURM holds a requeued job back for a while (BeginTime); make it eligible now to keep the test
+            # short, again while it stays pending (an update during the requeue itself may not stick).
             _wait_for("the requeued job", lambda: (_squeue_state(name) or ("", ""))[1] == "PD", 60, proc)
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+            def restarted() -> bool:
+                state = _squeue_state(name)
+                if state is not None and state[1] == "PD":
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+                    return False
+                return True
+
+            _wait_for("the requeued job to start again", restarted, 60, proc)
             assert proc.wait(timeout=120) == 0, log_path.read_text()
         finally:
             if proc.poll() is None:

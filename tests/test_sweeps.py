@@ -27,7 +27,7 @@ TINY = ["model=tiny", "max_steps=10", "block_size=32", "micro_batch_size=4", "to
 
 
 @pytest.fixture(scope="module")
-def sweep_overrides(tiktoken_file: Path, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+def sweep_overrides(tiktoken_file: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     """TINY training on a small generated text corpus, tokenized once into a shared cache."""
     root = tmp_path_factory.mktemp("sweep_data")
     rng = random.Random(0)
