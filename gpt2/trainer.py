@@ -44,12 +44,6 @@ class TrainingDiverged(UserError):
     """The loss became NaN/inf."""
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare GPT under torch.compile (`_orig_mod`) and DDP (`module`) wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
 class Trainer:
     """Owns the training state; model, data, optimizer and logger come in ready-made."""
 
@@ -67,7 +61,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.model = model  # possibly DDP/FSDP/compile-wrapped
-        self.raw_model = unwrap(model)
+        self.raw_model = ckpt.unwrap_model(model)
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
