@@ -104,3 +104,12 @@ def test_cli_rejects_bad_values_without_traceback(tmp_path: Path, args: list[str
     assert result.returncode != 0, output
     assert expected in output, output
     assert "Traceback" not in output, output
+
+
+def test_cli_missing_data_is_a_clear_error(tmp_path: Path, tiktoken_file: str) -> None:
+    result = run_cli("model=tiny", "data=text", f"data.path={tmp_path}/nowhere/*.txt",
+                     f"data.tokenizer_path={tiktoken_file}", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "nowhere" in output and "Traceback" not in output, output
