@@ -115,12 +115,13 @@ def main(dcfg: DictConfig) -> float:
     try:
         val_loss = train(cfg, output_dir)
     except TrainingInterrupted as stop:
-        from gpt2.slurm import in_submitit_job, requeue_submitit_job
+        from gpt2.slurm import requeue_submitit_job
 
-        # In a submitit SLURM job rank 0 requeues it (same job dir; resume=auto continues).
-        if in_submitit_job() and not requeue_submitit_job() and int(os.environ.get("RANK", "0")) == 0:
-            fail(f"{stop}; the job was not requeued (see the log above)")
-        sys.exit(stop.exit_code)
+        try:  # in a submitit SLURM job rank 0 requeues it (same job dir; resume=auto continues)
+            requeue_submitit_job()
+        except C.UserError as err:  # out of retries
+            fail(f"{stop}; {err}")
+        sys.exit(stop.exit_code)  # no result for submitit: the requeued job (or SLURM's own requeue) reports
     except C.UserError as err:
         fail(str(err))
     hc = HydraConfig.get()

@@ -13,11 +13,12 @@ Preemption and time limits, end to end:
    `TrainingInterrupted`; a plain `python run_train.py` then exits with code 75
    (`PREEMPTED_EXIT_CODE`, "checkpointed, requeue me" -- an sbatch script can do
    `srun python run_train.py ... resume=auto || { [ $? -eq 75 ] && scontrol requeue $SLURM_JOB_ID; }`).
-3. Inside a submitit job, `run_train.py` instead calls `requeue_submitit_job()`: it spends one of
+3. Inside a submitit job, `run_train.py` first calls `requeue_submitit_job()`: it spends one of
    the launcher's `max_num_timeout` retries and runs `scontrol requeue`. SLURM restarts the same
    pickled Hydra job with the same overrides in the same job dir (`multirun/<stamp>/<num>`), and
    with `resume=auto` training continues from the checkpoint it just wrote. The Hydra process that
-   submitted the sweep keeps waiting for the requeued job.
+   submitted the sweep keeps waiting for the requeued job. With no retries left the job fails
+   with a UserError naming its overrides (the checkpoint stays for a manual `resume=`).
 
 submitit is imported lazily: importing this module costs nothing outside SLURM jobs.
 """
@@ -27,6 +28,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+
+from gpt2.config import UserError
 
 log = logging.getLogger("gpt2")
 
@@ -74,8 +77,8 @@ def requeue_submitit_job() -> bool:
 
     Spends one of the launcher's `max_num_timeout` retries (the count lives in submitit's job
     pickle) and runs `scontrol requeue`. Only global rank 0 requeues. Returns True if the job was
-    requeued; False outside a submitit SLURM job, on other ranks, when no retries are left, or
-    when `scontrol requeue` fails (logged with the reason).
+    requeued; False outside a submitit SLURM job, on other ranks, or when `scontrol requeue` fails
+    (logged; SLURM may be requeueing a preempted job itself). Raises UserError when no retries are left.
     """
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "SUBMITIT_FOLDER" not in os.environ:
         return False
@@ -89,9 +92,8 @@ def requeue_submitit_job() -> bool:
     delayed = DelayedSubmission.load(pickle_path)
     remaining = delayed._timeout_countdown - 1
     if remaining < 0:
-        log.warning("not requeuing SLURM job %s: it was already requeued the maximum number of times "
-                    "(raise hydra.launcher.max_num_timeout to allow more)", env.job_id)
-        return False
+        raise UserError(f"SLURM job {env.job_id} was not requeued: it already used its "
+                        f"hydra.launcher.max_num_timeout requeues; raise it to allow more.")
     delayed.set_timeout(delayed._timeout_min, remaining)
     delayed.dump(pickle_path)
     try:

@@ -8,6 +8,7 @@ and munge when missing); when that is not possible the tests are skipped with th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -178,19 +179,14 @@ def test_two_tasks_of_one_slurm_job_train_as_one_ddp_group(data_overrides: list[
     assert (checkpoint / "COMPLETE").exists() and (checkpoint / "rank_00001.pt").exists(), sorted(job_dir.rglob("*"))
 
 
-@cluster_test
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str], tmp_path: Path) -> None:
-    """SIGUSR1 (what `--signal=USR1@120` sends before the time limit) -> checkpoint -> scontrol requeue
-    -> the same job dir -> resume=auto continues from that step to max_steps; the sweep succeeds."""
-    name = f"gpt2-preempt-{os.getpid()}"
-    log_path = tmp_path / "sweep.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            sweep_cmd([*TINY, *data_overrides, "max_steps=120", "resume=auto", "optimizer.lr=1e-3",
-                       f"hydra.launcher.name={name}"]),
-            cwd=tmp_path, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+@contextlib.contextmanager
+def signalled_sweep(tmp_path: Path, overrides: list[str]) -> Iterator[tuple[subprocess.Popen, str, str]]:
+    """Start a one-job sweep, wait until it trained 20 steps, send it SIGUSR1 (what `--signal=USR1@120`
+    sends before the time limit); yields (sweep process, job name, job id). Cleans up on the way out."""
+    name = f"gpt2-preempt-{os.getpid()}-{tmp_path.name}"
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(sweep_cmd([*overrides, f"hydra.launcher.name={name}"]), cwd=tmp_path,
+                                env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
         try:
             def trained_a_bit() -> bool:
                 metrics = list((tmp_path / "multirun").glob("*/*/0/metrics.jsonl"))
@@ -199,23 +195,34 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
             _wait_for("20 training steps", trained_a_bit, 90, proc)
             job_id, _ = _squeue_state(name) or ("", "")
             subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-            # SLURM holds a requeued job back for a while (BeginTime); make it eligible now to keep the test
-            # short, again while it stays pending (an update during the requeue itself may not stick).
-            _wait_for("the requeued job", lambda: (_squeue_state(name) or ("", ""))[1] == "PD", 60, proc)
-
-            def restarted() -> bool:
-                state = _squeue_state(name)
-                if state is not None and state[1] == "PD":
-                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-                    return False
-                return True
-
-            _wait_for("the requeued job to start again", restarted, 60, proc)
-            assert proc.wait(timeout=120) == 0, log_path.read_text()
+            yield proc, name, job_id
         finally:
             if proc.poll() is None:
                 proc.kill()
                 subprocess.run(["scancel", "-n", name], check=False)
+
+
+@cluster_test
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str], tmp_path: Path) -> None:
+    """SIGUSR1 -> checkpoint -> scontrol requeue -> the same job dir -> resume=auto continues from
+    that step to max_steps; the sweep succeeds."""
+    overrides = [*TINY, *data_overrides, "max_steps=120", "resume=auto", "optimizer.lr=1e-3"]
+    with signalled_sweep(tmp_path, overrides) as (proc, name, job_id):
+        # SLURM holds a requeued job back for a while (BeginTime); make it eligible now to keep the test
+        # short, again while it stays pending (an update during the requeue itself may not stick).
+        _wait_for("the requeued job", lambda: (_squeue_state(name) or ("", ""))[1] == "PD", 60, proc)
+
+        def restarted() -> bool:
+            state = _squeue_state(name)
+            if state is not None and state[1] == "PD":
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+                return False
+            return True
+
+        _wait_for("the requeued job to start again", restarted, 60, proc)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "sweep.log").read_text()
     job_dir = the_sweep_dir(tmp_path) / "0"
     logs = submitit_logs(job_dir.parent)
     assert "SIGUSR1 received" in logs and "requeued SLURM job" in logs, logs
@@ -225,3 +232,18 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
     assert (job_dir / "checkpoints" / "step_00000120" / "COMPLETE").exists()
     # the same SLURM job ran twice
     assert len(re.findall(r"^submitit INFO .* Starting with JobEnvironment\(", logs, re.M)) == 2, logs
+
+
+@cluster_test
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_signalled_job_without_retries_left_fails_the_sweep_clearly(data_overrides: list[str],
+                                                                   tmp_path: Path) -> None:
+    overrides = [*TINY, *data_overrides, "max_steps=120", "resume=auto", "optimizer.lr=1e-3",
+                 "hydra.launcher.max_num_timeout=0"]
+    with signalled_sweep(tmp_path, overrides) as (proc, _, job_id):
+        assert proc.wait(timeout=60) != 0
+    output = (tmp_path / "sweep.log").read_text()
+    assert re.search(rf"UserError: job #0 \(.*optimizer\.lr=0\.001.*\) failed: preempted at step \d+; checkpoint "
+                     rf"saved.*SLURM job {job_id} was not requeued: .*raise it to allow more", output), output
+    assert list((the_sweep_dir(tmp_path) / "0" / "checkpoints").glob("step_*/COMPLETE"))  # resumable by hand
