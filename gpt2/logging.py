@@ -53,6 +53,8 @@ class RunLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
         self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        if _torn_last_line(self.metrics_path):  # a resumed run appends; a crash may have cut the last line
+            self._metrics_file.write("\n")
         self.wandb_run: Any = None
         if cfg.logger.name == "wandb":
             self.wandb_run = self._init_wandb(cfg, wandb_run_id)
@@ -115,6 +117,15 @@ class RunLogger:
 
 def _html_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _torn_last_line(path: Path) -> bool:
+    """True when the file is non-empty and does not end with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -297,7 +297,9 @@ class Trainer:
     def _stop_for_preemption(self) -> None:
         log.warning("preemption signal received: saving a checkpoint at step %d and exiting", self.step)
         self.save_checkpoint()
-        raise TrainingInterrupted(f"preempted at step {self.step}; checkpoint saved, resume with resume=auto")
+        message = f"preempted at step {self.step}; checkpoint saved, resume with resume=auto"
+        log.warning("%s (exit code %d)", message, PREEMPTED_EXIT_CODE)  # the entry point exits silently
+        raise TrainingInterrupted(message)
 
 
 class _Progress:

@@ -1,0 +1,350 @@
+"""Issue #4 at the trainer level: checkpoints that never lose work.
+
+Exact resume (accumulation, dropout, DDP), resume=auto, preemption signals (SIGTERM/SIGUSR1 -> checkpoint,
+exit 75, resume), SIGKILL at random moments until the run completes, and faults (NaN loss, unwritable
+checkpoint dir, malicious/truncated/foreign resume paths, W&B run id across a resume). Everything compares
+bit-identical CPU fp32 losses of the last record per step in metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2.checkpoint import find_latest, read_meta
+from gpt2.config import UserError
+from gpt2.logging import read_metrics
+from gpt2.preemption import PREEMPTED_EXIT_CODE
+from gpt2.trainer import train
+
+from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
+
+# Accumulation 2 (4 x 32 tokens per micro-batch, 256 per step), dropout on, evals and samples on.
+SMALL = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=256", "model.dropout=0.1", "eval_iters=2",
+         "sample_tokens=4", "log_interval=1", "scheduler.warmup_steps=2"]
+# The CLI runs of the signal tests: long enough to still be running when a signal arrives.
+LONG = [*SMALL, "max_steps=16", "eval_interval=5", "checkpoint.keep_last=2"]
+
+
+def last_per_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """The last record of each step (a resume logs the steps after its checkpoint again)."""
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+
+
+def count_records(run_dir: Path, key: str = "train/loss") -> int:
+    path = run_dir / "metrics.jsonl"
+    return sum(key in r for r in read_metrics(path)) if path.exists() else 0
+
+
+def no_traceback(output: str) -> None:
+    assert "Traceback" not in output, output
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]) -> dict[int, float]:
+    """Train losses of an uninterrupted CLI run with the LONG settings."""
+    root = tmp_path_factory.mktemp("reference")
+    run_train_cli([*base_overrides, *LONG, "checkpoint.interval=2", f"hydra.run.dir={root / 'run'}"], cwd=root)
+    losses = last_per_step(root / "run")
+    assert sorted(losses) == list(range(1, 17))
+    return losses
+
+
+class Launch:
+    """`python run_train.py` in the background, output to a file, so signals can be sent to it."""
+
+    def __init__(self, overrides: list[str], run_dir: Path, log_name: str) -> None:
+        self.run_dir = run_dir
+        self.log_path = run_dir.parent / f"{log_name}.out"
+        self._out = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "run_train.py"), *overrides,
+                                      f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=subprocess_env(),
+                                     stdout=self._out, stderr=subprocess.STDOUT)
+
+    def wait_for_records(self, n: int, timeout: float = 120) -> None:
+        """Until metrics.jsonl holds `n` train records (fails if the process exits first)."""
+        deadline = time.time() + timeout
+        while count_records(self.run_dir) < n:
+            assert self.proc.poll() is None, f"exited ({self.proc.returncode}) too early:\n{self.output()}"
+            assert time.time() < deadline, self.output()
+            time.sleep(0.02)
+
+    def wait(self, timeout: float = 180) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._out.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def test_resume_is_bit_exact_with_accumulation_dropout_and_evals(tmp_path: Path, base_overrides: list[str],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gpt2")
+    common = [*base_overrides, *SMALL, "max_steps=8", "checkpoint.interval=4"]
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    final_full = train(compose_train([*common, "eval_interval=4"]), full_dir)
+    ckpt = full_dir / "checkpoints" / "step_00000004"
+    assert read_meta(ckpt)["step"] == 4
+    # Resume into another run dir, evaluating (and sampling) at every step: evaluations must not
+    # perturb the data order or the dropout RNG stream.
+    final_resumed = train(compose_train([*common, "eval_interval=1", f"resume={ckpt}"]), resumed_dir)
+    assert f"resumed from {ckpt} at step 4" in caplog.text
+    full, resumed = last_per_step(full_dir), last_per_step(resumed_dir)
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert {s: full[s] for s in resumed} == resumed  # bit-identical, not approximately equal
+    assert len(set(full.values())) == 8  # dropout / data really vary from step to step
+    assert final_resumed == final_full
+    assert sorted(last_per_step(resumed_dir, "val/loss")) == [5, 6, 7, 8]
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]) -> None:
+    common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval_interval=3",
+              "checkpoint.interval=3", "distributed=ddp"]  # 2 ranks x accumulation 2 x 2 sequences
+    full = run_torchrun([*common, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
+    ckpt = full.run_dir / "checkpoints" / "step_00000003"
+    assert read_meta(ckpt)["world_size"] == 2 and (ckpt / "rank_00001.pt").exists()
+    resumed = run_torchrun([*common, f"resume={ckpt}", f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    assert f"resumed from {ckpt} at step 3" in resumed.proc.stdout + resumed.proc.stderr
+    full_losses, resumed_losses = last_per_step(full.run_dir), last_per_step(resumed.run_dir)
+    assert sorted(resumed_losses) == [4, 5, 6]
+    assert {s: full_losses[s] for s in resumed_losses} == resumed_losses
+    assert last_per_step(full.run_dir, "val/loss")[6] == last_per_step(resumed.run_dir, "val/loss")[6]
+
+
+# --------------------------------------------------------------------------- resume=auto
+
+
+def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, base_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
+            f"hydra.run.dir={run_dir}"]
+    first = run_train_cli([*args, "max_steps=3"], cwd=tmp_path)
+    assert first.run_dir == run_dir
+    assert f"resume=auto: no checkpoint in {run_dir}, starting fresh" in first.proc.stdout
+    assert find_latest(run_dir) == run_dir / "checkpoints" / "step_00000003"  # the final one
+    second = run_train_cli([*args, "max_steps=5"], cwd=tmp_path)
+    log = second.proc.stdout
+    assert f"resume=auto: resuming from {run_dir / 'checkpoints' / 'step_00000003'}" in log, log
+    assert "step 4/5" in log and "step 1/5" not in log
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4, 5]  # appended to the same metrics file
+    assert find_latest(run_dir) == run_dir / "checkpoints" / "step_00000005"
+
+
+def test_checkpoint_wins_over_init_pretrained(tmp_path: Path, base_overrides: list[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    hf.save_pretrained(tmp_path / "hf")
+    caplog.set_level(logging.INFO, logger="gpt2")
+    args = [*base_overrides, *SMALL, "eval_interval=0", "max_steps=2", f"init.pretrained={tmp_path / 'hf'}",
+            "resume=auto", "optimizer.lr=3e-3"]
+    run_dir = tmp_path / "run"
+    first_val = train(compose_train(args), run_dir)
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert read_meta(ckpt)["config"]["model"]["n_positions"] == 128  # the architecture came from HF
+    trained = (ckpt / "model.safetensors").read_bytes()
+    caplog.clear()
+    # Same command again: the checkpoint (already at max_steps) is loaded, HF is not; the final eval of
+    # the trained weights gives the same val loss and the re-saved final checkpoint the same weights.
+    second_val = train(compose_train(args), run_dir)
+    assert "is not loaded" in caplog.text and f"resumed from {ckpt}" in caplog.text
+    assert second_val == first_val
+    assert (ckpt / "model.safetensors").read_bytes() == trained
+    hf_val = train(compose_train([*args, "max_steps=1", "resume=null", "optimizer.lr=0"]), tmp_path / "hf_run")
+    assert hf_val != first_val  # the HF weights themselves score differently
+
+
+# --------------------------------------------------------------------------- preemption
+
+
+def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(
+        tmp_path: Path, base_overrides: list[str], reference: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *LONG, "checkpoint.interval=0", "resume=auto"]  # only preemption/final saves
+    stopped_at = []
+    for attempt, sig in enumerate((signal.SIGTERM, signal.SIGUSR1)):
+        launch = Launch(args, run_dir, f"attempt{attempt}")
+        launch.wait_for_records(count_records(run_dir) + 1)
+        launch.proc.send_signal(sig)
+        assert launch.wait() == PREEMPTED_EXIT_CODE, launch.output()
+        out = launch.output()
+        no_traceback(out)
+        assert f"{sig.name} received; will save a checkpoint" in out
+        latest = find_latest(run_dir)
+        assert latest is not None, out
+        step = read_meta(latest)["step"]
+        assert f"preempted at step {step}; checkpoint saved, resume with resume=auto (exit code 75)" in out, out
+        assert 1 <= step < 16
+        stopped_at.append(step)
+    assert stopped_at[1] > stopped_at[0]
+    final = run_train_cli(args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert f"resuming from {run_dir / 'checkpoints' / f'step_{stopped_at[1]:08d}'}" in final.proc.stdout
+    assert last_per_step(run_dir) == reference
+
+
+def test_second_signal_during_save_exits_at_once(tmp_path: Path, base_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    launch = Launch([*base_overrides, *LONG, "checkpoint.interval=0"], run_dir, "run")
+    launch.wait_for_records(1)
+    launch.proc.send_signal(signal.SIGTERM)
+    ckpt_dir, deadline = run_dir / "checkpoints", time.time() + 60
+    while not (ckpt_dir.is_dir() and any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir())):
+        assert launch.proc.poll() is None and time.time() < deadline, launch.output()
+        time.sleep(0.001)
+    launch.proc.send_signal(signal.SIGSTOP)  # freeze it mid-save to check where it is
+    try:
+        tmp_dirs = [p.name for p in ckpt_dir.iterdir()]
+        assert len(tmp_dirs) == 1 and tmp_dirs[0].endswith(".tmp"), tmp_dirs  # in the save, nothing published
+        launch.proc.send_signal(signal.SIGTERM)
+    finally:
+        launch.proc.send_signal(signal.SIGCONT)
+    assert launch.wait(60) == -signal.SIGTERM, launch.output()
+    assert "second SIGTERM received; exiting immediately" in launch.output()
+    assert find_latest(run_dir) is None  # the half-written checkpoint is not taken for a valid one
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def test_sigkill_at_random_moments_then_resume_auto_matches_uninterrupted(
+        tmp_path: Path, base_overrides: list[str], reference: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *LONG, "checkpoint.interval=1", "resume=auto"]
+    seed = int(os.environ.get("GPT2_TEST_KILL_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    # Each attempt is killed 1-3 train records after it starts logging, plus a random part of a step: in a
+    # forward/backward, an evaluation, a log write or a checkpoint save (interval=1 saves after every step).
+    plan = [(rng.randint(1, 3), rng.uniform(0.0, 0.25)) for _ in range(3)]
+    for attempt, (records, delay) in enumerate(plan):
+        launch = Launch(args, run_dir, f"attempt{attempt}")
+        launch.wait_for_records(count_records(run_dir) + records)
+        time.sleep(delay)
+        launch.proc.kill()
+        assert launch.wait(60) == -signal.SIGKILL, (seed, plan, launch.output())
+    # A crash while writing a metrics line would leave a torn last line; the next attempt must log past it.
+    torn = '{"step": 99, "train/lo'
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(torn)
+    final = run_train_cli(args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert "resume=auto: resuming from" in final.proc.stdout
+    losses = last_per_step(run_dir)
+    assert losses[16] == reference[16], (seed, plan)  # the acceptance criterion of issue #4
+    assert losses == reference, (seed, plan)  # and the last record of every step
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    bad = [line for line in lines if not line.startswith("{") or not line.endswith("}")]
+    assert bad == [torn], bad  # the resumed attempt's first record was not glued onto the torn line
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert len(steps) >= 16 and steps[-1] == 16, steps  # a step logged after its last checkpoint is logged again
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_nan_loss_stops_with_a_message(tmp_path: Path, base_overrides: list[str]) -> None:
+    result = run_train_cli([*base_overrides, *SMALL, "max_steps=8", "eval_interval=0", "optimizer.lr=1e30",
+                            "optimizer.grad_clip=0", "scheduler.warmup_steps=0"], cwd=tmp_path, check=False)
+    out = result.proc.stdout + result.proc.stderr
+    assert result.proc.returncode not in (0, PREEMPTED_EXIT_CODE), out
+    no_traceback(out)
+    assert "error: loss is nan at step 2; training stopped. Lower optimizer.lr" in result.proc.stderr, out
+
+
+def test_unwritable_checkpoint_keeps_earlier_ones(tmp_path: Path, base_overrides: list[str]) -> None:
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
+            f"hydra.run.dir={run_dir}"]
+    run_train_cli([*args, "max_steps=4"], cwd=tmp_path)
+    ckpts = run_dir / "checkpoints"
+    before = {p.name: (p / "model.safetensors").read_bytes() for p in ckpts.iterdir()}
+    assert sorted(before) == ["step_00000002", "step_00000004"]
+    (ckpts / "step_00000006.tmp").write_text("a file where the next save needs a directory")
+    result = run_train_cli([*args, "max_steps=8"], cwd=tmp_path, check=False)
+    out = result.proc.stdout + result.proc.stderr
+    assert result.proc.returncode not in (0, PREEMPTED_EXIT_CODE), out
+    no_traceback(out)
+    assert f"could not write checkpoint to {ckpts / 'step_00000006'}" in result.proc.stderr, out
+    assert "earlier checkpoints are intact" in result.proc.stderr
+    assert {p.name: (p / "model.safetensors").read_bytes() for p in ckpts.glob("step_*[0-9]")} == before
+    assert find_latest(run_dir) == ckpts / "step_00000004"
+
+
+class _Payload:
+    """Unpickling this creates `marker` (it is what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def test_bad_resume_paths_fail_cleanly(tmp_path: Path, base_overrides: list[str]) -> None:
+    args = [*base_overrides, *SMALL, "eval_interval=0", "max_steps=2"]
+    train(compose_train(args), tmp_path / "good")
+    good = tmp_path / "good" / "checkpoints" / "step_00000002"
+
+    evil = tmp_path / "evil" / "step_00000002"
+    evil.parent.mkdir()
+    evil.mkdir()
+    for f in good.iterdir():
+        (evil / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "pwned"
+    torch.save({"step": _Payload(marker)}, evil / "trainer.pt")
+
+    cut = tmp_path / "cut" / "step_00000002"
+    cut.parent.mkdir()
+    cut.mkdir()
+    for f in good.iterdir():
+        data = f.read_bytes()
+        (cut / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "weights.bin").write_bytes(os.urandom(1000))
+
+    cases = [(evil, f"could not read {evil / 'trainer.pt'}"),
+             (cut, f"could not read {cut / 'model.safetensors'}: it is truncated"),
+             (foreign, f"no complete checkpoint under {foreign}")]
+    for path, message in cases:
+        result = run_train_cli([*args, f"resume={path}"], cwd=tmp_path / "cli", check=False)
+        assert result.proc.returncode not in (0, PREEMPTED_EXIT_CODE), result.proc.stderr
+        no_traceback(result.proc.stdout + result.proc.stderr)
+        assert message in result.proc.stderr, result.proc.stderr
+    assert not marker.exists()
+    with pytest.raises(UserError):  # in-process as well
+        train(compose_train([*args, f"resume={evil}"]), tmp_path / "inproc")
+    assert not marker.exists()
+
+
+def test_wandb_run_id_survives_resume(tmp_path: Path, base_overrides: list[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    args = [*base_overrides, *SMALL, "logger=wandb", "eval_interval=0", "resume=auto"]
+    run_dir = tmp_path / "run"
+    train(compose_train([*args, "max_steps=2"]), run_dir)
+    first_id = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer.pt", weights_only=True)["wandb_run_id"]
+    assert first_id
+    time.sleep(1.1)  # W&B names offline dirs by the second: make the two runs' dirs distinct
+    train(compose_train([*args, "max_steps=4"]), run_dir)
+    second_id = torch.load(run_dir / "checkpoints" / "step_00000004" / "trainer.pt", weights_only=True)["wandb_run_id"]
+    assert second_id == first_id
+    dirs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.endswith(f"-{first_id}") for d in dirs), dirs
