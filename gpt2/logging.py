@@ -71,7 +71,7 @@ class RunLogger:
         run = wandb.init(
             project=lcfg.project,
             entity=lcfg.entity,
-            name=lcfg.run_name or self.output_dir.name,
+            name=lcfg.run_name or _default_run_name(self.output_dir),
             tags=list(lcfg.tags),
             mode=mode,
             dir=str(self.output_dir),
@@ -113,6 +113,13 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def _default_run_name(output_dir: Path) -> str:
+    """The run dir's name; for a sweep job (`multirun/<date>/<time>/<num>`) `<time>/<num>`."""
+    if output_dir.name.isdigit():
+        return f"{output_dir.parent.name}/{output_dir.name}"
+    return output_dir.name
 
 
 def _html_escape(text: str) -> str:
