@@ -239,6 +239,8 @@ class Trainer:
 
     def _run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
+        if any_rank(self._preempted(), self.device):  # possibly cut short: never log/return a partial val loss
+            self._stop_for_preemption()  # after the final step too: the resumed run then evaluates in full
         self.last_val_loss = metrics["val/loss"]
         self.best_val_loss = min(self.best_val_loss, self.last_val_loss)
         text = self.sample()

@@ -8,6 +8,7 @@ bit-identical CPU fp32 losses of the last record per step in metrics.jsonl.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -43,6 +44,14 @@ def last_per_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 def count_records(run_dir: Path, key: str = "train/loss") -> int:
     path = run_dir / "metrics.jsonl"
     return sum(key in r for r in read_metrics(path)) if path.exists() else 0
+
+
+def is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def no_traceback(output: str) -> None:
@@ -199,6 +208,23 @@ def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(
     assert last_per_step(run_dir) == reference
 
 
+def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, base_overrides: list[str]) -> None:
+    """A preempted evaluation covers fewer batches: its loss must not be logged or returned (a sweep would
+    optimize it); the run stops with a checkpoint and the resumed run evaluates in full."""
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *SMALL, "max_steps=2", "eval_interval=0", "resume=auto"]
+    launch = Launch([*args, "eval_iters=100"], run_dir, "attempt0")
+    launch.wait_for_records(2)  # step 2 is logged: the final evaluation (100 batches, seconds) is running
+    launch.proc.send_signal(signal.SIGTERM)
+    assert launch.wait() == PREEMPTED_EXIT_CODE, launch.output()
+    assert "preempted at step 2" in launch.output()
+    assert last_per_step(run_dir, "val/loss") == {}
+    resumed = run_train_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert "resuming from" in resumed.proc.stdout
+    val = [r["val/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "val/loss" in r]
+    assert len(val) == 1 and f"step 2: val loss {val[0]:.4f}" in resumed.proc.stdout
+
+
 def test_second_signal_during_save_exits_at_once(tmp_path: Path, base_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     launch = Launch([*base_overrides, *LONG, "checkpoint.interval=0"], run_dir, "run")
@@ -248,8 +274,7 @@ def test_sigkill_at_random_moments_then_resume_auto_matches_uninterrupted(
     assert losses[16] == reference[16], (seed, plan)  # the acceptance criterion of issue #4
     assert losses == reference, (seed, plan)  # and the last record of every step
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    bad = [line for line in lines if not line.startswith("{") or not line.endswith("}")]
-    assert bad == [torn], bad  # the resumed attempt's first record was not glued onto the torn line
+    assert [line for line in lines if not is_json(line)] == [torn]  # the next record was not glued onto it
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert len(steps) >= 16 and steps[-1] == 16, steps  # a step logged after its last checkpoint is logged again
 
