@@ -225,6 +225,34 @@ def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, 
     assert len(val) == 1 and f"step 2: val loss {val[0]:.4f}" in resumed.proc.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(tmp_path: Path, base_overrides: list[str]) -> None:
+    """torchrun forwards SIGTERM to its workers: both ranks stop at the same step and write one checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=8", "eval_interval=0", "distributed=ddp",
+            "resume=auto", f"hydra.run.dir={run_dir}"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with open(tmp_path / "torchrun.out", "w") as out:
+        proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "run_train.py"),
+                                 *args], cwd=tmp_path, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while count_records(run_dir) < 1:
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "torchrun.out").read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    output = (tmp_path / "torchrun.out").read_text()
+    assert output.count("SIGTERM received; will save a checkpoint") == 2, output  # each rank, once
+    ckpt = find_latest(run_dir)
+    assert ckpt is not None, output
+    step = read_meta(ckpt)["step"]
+    assert f"preempted at step {step}" in output and step < 8
+    assert (ckpt / "rank_00000.pt").exists() and (ckpt / "rank_00001.pt").exists()
+    resumed = run_torchrun(args, cwd=tmp_path)
+    assert f"resume=auto: resuming from {ckpt}" in resumed.proc.stdout
+    assert sorted(last_per_step(run_dir)) == list(range(1, 9))
+
+
 def _signal_twice_during_save(overrides: list[str], run_dir: Path) -> Launch | None:
     """SIGTERM, then a second SIGTERM while the preemption checkpoint is being written (the process is frozen
     with SIGSTOP to check that it is); None when the save ended before it could be caught."""
