@@ -115,7 +115,6 @@ def test_resume_is_bit_exact_with_accumulation_dropout_and_evals(tmp_path: Path,
     full, resumed = last_per_step(full_dir), last_per_step(resumed_dir)
     assert sorted(resumed) == [5, 6, 7, 8]
     assert {s: full[s] for s in resumed} == resumed  # bit-identical, not approximately equal
-    assert len(set(full.values())) == 8  # dropout / data really vary from step to step
     assert final_resumed == final_full
     assert sorted(last_per_step(resumed_dir, "val/loss")) == [5, 6, 7, 8]
 
