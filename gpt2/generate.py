@@ -12,7 +12,7 @@ from typing import TextIO
 import torch
 from torch import Tensor, nn
 
-from gpt2.config import GenerateConfig, ModelConfig, UserError, from_dict
+from gpt2.config import GenerateConfig, UserError
 from gpt2.model import GPT, model_from_state_dict
 
 
@@ -145,19 +145,11 @@ def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> 
         return load_pretrained(pretrained)
     if checkpoint is None:
         raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
-    from gpt2.checkpoint import load_model_state, read_meta, resolve_checkpoint
+    from gpt2.checkpoint import load_weights
 
-    path = Path(checkpoint).expanduser()
-    if path.is_file():  # e.g. .../step_00000100/model.safetensors
-        path = path.parent
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
+    ckpt, cfg, state = load_weights(checkpoint)
     try:
-        cfg = from_dict(ModelConfig, meta["config"]["model"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{ckpt / 'meta.json'} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
-    try:
-        return model_from_state_dict(cfg, load_model_state(ckpt))
+        return model_from_state_dict(cfg, state)
     except ValueError as err:
         raise UserError(f"{ckpt}: {err}") from err
 

@@ -80,7 +80,8 @@ class Tokenizer:
         return f"Tokenizer(gpt2, n_vocab={self.n_vocab}, source={self.source!r})"
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +128,7 @@ def _load_explicit(path: str, origin: str) -> Tokenizer:
             f"{origin}={path!r} is not a file; point it at a gpt2.tiktoken ranks file "
             f"(sha256 {RANKS_SHA256}), or unset it to let gpt2 find one."
         )
-    digest = _sha256_file(p)
+    digest = sha256_file(p)
     if digest != RANKS_SHA256:
         raise UserError(
             f"{origin}={path!r} has sha256 {digest}, expected {RANKS_SHA256} (the GPT-2 ranks file); "
@@ -153,7 +154,7 @@ def _from_tiktoken_cache() -> Tokenizer | None:
     if d is None:
         return None
     path = os.path.join(d, hashlib.sha1(R50K_URL.encode()).hexdigest())
-    if os.path.isfile(path) and _sha256_file(path) == RANKS_SHA256:
+    if os.path.isfile(path) and sha256_file(path) == RANKS_SHA256:
         return _build(path)
     bpe, enc_json = (os.path.join(d, hashlib.sha1(u.encode()).hexdigest()) for u in GPT2_DATA_GYM_URLS)
     if os.path.isfile(bpe) and os.path.isfile(enc_json):
@@ -193,7 +194,7 @@ def fetch_ranks_file(cache_dir: str | None = None) -> Path:
     """(c) Return ``<cache_dir>/tokenizer/gpt2.tiktoken``, extracting it from the openai-whisper
     sdist (``pip download``) the first time. Raises UserError when pip cannot get it."""
     dest = whisper_ranks_path(cache_dir)
-    if dest.is_file() and _sha256_file(str(dest)) == RANKS_SHA256:
+    if dest.is_file() and sha256_file(str(dest)) == RANKS_SHA256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:

@@ -388,9 +388,7 @@ def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
 
 def _checkpoint_model_config(cfg: TrainConfig, path: Path) -> None:
     """A resumed run takes its architecture from the checkpoint (model=... cannot change it)."""
-    from gpt2.config import ModelConfig, from_dict
-
-    saved = from_dict(ModelConfig, ckpt.read_meta(path)["config"]["model"])
+    saved = ckpt.read_model_config(path)
     if saved != cfg.model:
         log.warning("resuming %s: using its model config (%s) instead of model=%s", path, saved.name, cfg.model.name)
         cfg.model = saved
