@@ -114,6 +114,7 @@ def main() -> None:
     if ranks is None:
         sys.exit("the GPT-2 ranks file is not available offline; run gpt2.tokenizer.fetch_ranks_file() once.")
     t_start = time.perf_counter()
+    env = environment()
     rows: list[dict[str, Any]] = []
     root = Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     try:
@@ -144,7 +145,6 @@ def main() -> None:
             shutil.rmtree(corpus)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    env = environment()
     table = markdown_table(
         ["corpus", "tokens", "ours tok/s (MB/s)", "tiktoken batch tok/s (MB/s)", "ours/tiktoken",
          "ours peak RSS main / worker (MB)", "tiktoken peak RSS (MB)"],
