@@ -148,13 +148,14 @@ class SchedulerConfig:
 class PrecisionConfig:
     """Numeric precision of the forward/backward pass (weights stay fp32)."""
 
-    name: str = "fp32"
-    """fp32, bf16 (autocast), or fp16 (autocast + GradScaler)."""
+    name: str = "auto"
+    """auto (bf16 where the device runs it natively: CUDA, or CPUs with AVX512-BF16/AMX; else fp32),
+    fp32, bf16 (autocast), or fp16 (autocast + GradScaler)."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA."""
 
     def check(self) -> None:
-        _choice("precision.name", self.name, ("fp32", "bf16", "fp16"))
+        _choice("precision.name", self.name, ("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass

@@ -46,6 +46,25 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively (fast): CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`precision=auto` becomes bf16 where it is native (see `native_bf16`), else fp32."""
+    if name != "auto":
+        return name
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
     """Join the process group when launched with several ranks; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -129,11 +129,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto -> bf16 on CUDA when supported, else fp32."""
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+    """auto -> bf16 where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
+    from gpt2.distributed import resolve_precision
+
+    name = resolve_precision(name, device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

@@ -18,7 +18,16 @@ from torch import nn
 from gpt2 import checkpoint as ckpt
 from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
 from gpt2.data import PreparedData, TokenLoader, prepare_data
-from gpt2.distributed import DistInfo, all_reduce_mean, any_rank, barrier, cleanup, init_distributed, wrap_model
+from gpt2.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    cleanup,
+    init_distributed,
+    resolve_precision,
+    wrap_model,
+)
 from gpt2.generate import generate
 from gpt2.logging import RunLogger, detect_peak_flops, format_duration
 from gpt2.model import GPT
@@ -70,6 +79,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.preemption = preemption
         self.device = dist.device
+        cfg.precision.name = resolve_precision(cfg.precision.name, self.device)  # checkpoints record the real one
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
         self.autocast_dtype = AUTOCAST_DTYPES[cfg.precision.name]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision.name == "fp16")

