@@ -17,7 +17,7 @@ from torch import nn
 
 from gpt2 import checkpoint as ckpt
 from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
-from gpt2.data import PreparedData, TokenLoader, prepare_data
+from gpt2.data import PreparedData, prepare_data
 from gpt2.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -29,6 +29,7 @@ from gpt2.distributed import (
     wrap_model,
 )
 from gpt2.generate import generate
+from gpt2.loader import TokenLoader
 from gpt2.logging import RunLogger, detect_peak_flops, format_duration
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer, lr_multiplier, set_lr

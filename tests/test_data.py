@@ -16,7 +16,8 @@ import torch
 
 from gpt2 import data as D
 from gpt2.config import DataConfig, UserError
-from gpt2.data import PreparedData, TokenLoader, prepare_data
+from gpt2.data import PreparedData, prepare_data
+from gpt2.loader import TokenLoader
 from gpt2.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
