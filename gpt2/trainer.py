@@ -272,7 +272,7 @@ class Trainer:
         peak = cfg.peak_flops or detect_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
         progress = _Progress(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
-        t_last, steps_since = time.perf_counter(), 0
+        train_time, steps_since = 0.0, 0  # since the last log line; evals and saves are not counted
         self.model.train()
         if self.step == 0 and cfg.eval_interval > 0:
             self._run_eval()  # the baseline every later evaluation is compared against
@@ -280,11 +280,13 @@ class Trainer:
             while self.step < cfg.max_steps:
                 if any_rank(self._preempted(), self.device):
                     self._stop_for_preemption()
-                metrics = self.train_step()
+                t0 = time.perf_counter()
+                metrics = self.train_step()  # ends with .item(): the device is synchronized
+                train_time += time.perf_counter() - t0
                 steps_since += 1
                 progress.update(self.step, metrics["train/loss"])
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    dt = time.perf_counter() - t_last
+                    dt = train_time
                     tok_s = steps_since * cfg.total_batch_tokens / dt
                     metrics["perf/tokens_per_s"] = tok_s
                     if peak:
@@ -297,7 +299,7 @@ class Trainer:
                                         f"step {self.step}/{cfg.max_steps} loss {metrics['train/loss']:.4f} "
                                         f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
                                         f"{tok_s:,.0f} tok/s{mfu} eta {format_duration(eta)}")
-                    t_last, steps_since = time.perf_counter(), 0
+                    train_time, steps_since = 0.0, 0
                 if self._should(cfg.eval_interval):
                     self._run_eval()
                 if self._should(cfg.checkpoint.interval):
