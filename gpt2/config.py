@@ -149,8 +149,7 @@ class PrecisionConfig:
     """Numeric precision of the forward/backward pass (weights stay fp32)."""
 
     name: str = "auto"
-    """auto (bf16 where the device runs it natively: CUDA, or CPUs with AVX512-BF16/AMX; else fp32),
-    fp32, bf16 (autocast), or fp16 (autocast + GradScaler)."""
+    """auto (bf16 where native: CUDA, AVX512-BF16/AMX CPUs; else fp32), fp32, bf16, or fp16 (+ GradScaler)."""
     tf32: bool = True
     """Allow TF32 matmuls on CUDA."""
 
