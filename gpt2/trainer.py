@@ -4,6 +4,7 @@ model, data, optimizer and logger from a validated `TrainConfig` and runs it."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import random
@@ -454,5 +455,9 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         if logger is not None:
             logger.finish()
         preemption.uninstall()
+        # Free the DDP/FSDP model (and its pending gloo/nccl work) while the interpreter is fully
+        # alive: collected during interpreter shutdown instead, it can abort the process (SIGABRT).
+        trainer = model = optimizer = None
+        gc.collect()
         cleanup()
 
