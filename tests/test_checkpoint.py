@@ -477,6 +477,10 @@ def _fsdp_worker(rank: int, world: int, out: str) -> None:
         torch.save({"ref1": ref1, "ref2": ref2, "loaded1": loaded1, "got2": got2}, Path(out) / "result.pt")
     torch.save(loaded.rank_state, Path(out) / f"rank_state{rank}.pt")
     dist.destroy_process_group()
+    # Leave before interpreter shutdown destroys leftover gloo objects (it can SIGABRT; see run_train.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _main_fsdp(out: str) -> None:

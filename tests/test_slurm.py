@@ -215,14 +215,16 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
         _wait_for("the requeued job", lambda: (_squeue_state(name) or ("", ""))[1] == "PD", 60, proc)
 
         def restarted() -> bool:
+            if proc.poll() is not None:  # it already ran to the end
+                return True
             state = _squeue_state(name)
-            if state is not None and state[1] == "PD":
+            if state is None or state[1] == "PD":  # None: between requeue states, or squeue was busy
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
                 return False
             return True
 
-        _wait_for("the requeued job to start again", restarted, 60, proc)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "sweep.log").read_text()
+        _wait_for("the requeued job to start again", restarted, 90, proc)
+        assert proc.wait(timeout=180) == 0, (tmp_path / "sweep.log").read_text()
     job_dir = the_sweep_dir(tmp_path) / "0"
     logs = submitit_logs(job_dir.parent)
     assert "SIGUSR1 received" in logs and "requeued SLURM job" in logs, logs
