@@ -35,14 +35,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """auto -> cuda if available, else cpu; plain `cuda` -> this local rank's GPU (see
+    `gpt2.slurm.device_index`); cuda:N and cpu as given. ConfigError for missing CUDA or a bad name."""
+    from gpt2.slurm import device_index
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        # One GPU per local rank; more ranks than GPUs share them round-robin.
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto.")
+    if device == "cuda":
+        return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
     return torch.device(device)
 
 
@@ -75,7 +80,7 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
             f"launched with WORLD_SIZE={world_size} but distributed=none; "
             "pass distributed=ddp or distributed=fsdp."
         )
-    dev = _pick_device(device, local_rank)
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import GenerateConfig, UserError
+from gpt2.distributed import resolve_device, resolve_precision
 from gpt2.model import GPT, model_from_state_dict
 
 
@@ -117,21 +118,8 @@ def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: floa
 # ------------------------------------------------------------------ run_generate.py
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available else cpu; otherwise the named device (UserError if CUDA is missing)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but CUDA is not available here; use device=cpu or device=auto.")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise UserError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N.")
-    return torch.device(name)
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """auto -> bf16 where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
-    from gpt2.distributed import resolve_precision
-
     name = resolve_precision(name, device)
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
