@@ -22,6 +22,8 @@ import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 from train_throughput import model_config
 
+from gpt2.device import DTYPES
+from gpt2.device import autocast as device_autocast
 from gpt2.generate import generate
 from gpt2.model import GPT
 from gpt2.pretrained import gpt_to_hf, hf_config_dict
@@ -54,12 +56,12 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int,
 
     if precision == "fp32":
         return {"ours": lambda idx: generate(ours, idx, new_tokens, temperature=0.0), "hf": hf_run(hf)}
-    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)
-    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    device_type = next(ours.parameters()).device.type
+    ours_bf16 = copy.deepcopy(ours).to(DTYPES[precision])
+    hf_bf16 = copy.deepcopy(hf).to(DTYPES[precision])
+    device = next(ours.parameters()).device
 
     def ours_autocast(idx: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with device_autocast(device, precision):
             return generate(ours, idx, new_tokens, temperature=0.0)
 
     runs = {"ours (bf16 weights)": lambda idx: generate(ours_bf16, idx, new_tokens, temperature=0.0)}

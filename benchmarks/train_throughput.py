@@ -18,7 +18,6 @@ with its defaults (not fused), `zero_grad`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import tempfile
@@ -32,11 +31,12 @@ import torch
 from common import ROOT, default_out, environment, fmt, markdown_table, median, write_json
 
 from gpt2.config import ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
+from gpt2.device import DTYPES, autocast, set_tf32
 from gpt2.distributed import DistInfo
-from gpt2.logging import detect_peak_flops
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
-from gpt2.trainer import AUTOCAST_DTYPES, Trainer
+from gpt2.runlog import detect_peak_flops
+from gpt2.trainer import Trainer
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,10 @@ def build_hf(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool,
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt_cfg.lr, betas=(opt_cfg.beta1, opt_cfg.beta2),
                                   eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay)
     batches = RandomBatches(cfg.vocab_size, shape.batch, shape.seq, device)
-    dtype = AUTOCAST_DTYPES[precision]
 
     def step() -> float:
         x, _ = batches.next_batch()
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
+        with autocast(device, precision):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
@@ -247,9 +245,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's default (precision.tf32=true)
-        torch.backends.cudnn.allow_tf32 = True
+    set_tf32(device, True)  # the trainer's default (precision.tf32=true)
     peak = args.peak_flops or (detect_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda"
                                else None)
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
@@ -260,8 +256,8 @@ def main() -> None:
         if shape not in SHAPES:
             p.error(f"--shapes: {shape!r} is not one of {', '.join(SHAPES)}")
         for precision in args.precisions.split(","):
-            if precision not in AUTOCAST_DTYPES:
-                p.error(f"--precisions: {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
+            if precision not in DTYPES:
+                p.error(f"--precisions: {precision!r} is not one of {', '.join(DTYPES)}")
             for compile_ in compiles:
                 s = SHAPES[shape]
                 warmup = s.warmup if args.warmup is None else args.warmup

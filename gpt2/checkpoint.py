@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gpt2.config import ModelConfig, UserError, from_dict
+from gpt2.distributed import unwrap_model
 
 FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -71,19 +72,6 @@ def _all_ok(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    while True:
-        if isinstance(model, (DistributedDataParallel, DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _fsync_path(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Process group set-up, device choice, and DDP / FSDP2 wrapping.
+"""Process group set-up, this rank's device, and DDP / FSDP2 wrapping (and unwrapping).
 
 Works the same under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher) and
 inside SLURM jobs started by submitit (see gpt2/slurm.py), on CUDA (nccl) and CPU (gloo).
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt2.config import ConfigError, DistributedConfig
+from gpt2.device import resolve_device
 
 
 @dataclass
@@ -33,41 +34,6 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """auto -> cuda if available, else cpu; plain `cuda` -> this local rank's GPU (see
-    `gpt2.slurm.device_index`); cuda:N and cpu as given. ConfigError for missing CUDA or a bad name."""
-    from gpt2.slurm import device_index
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto.")
-    if device == "cuda":
-        return torch.device("cuda", device_index(local_rank, torch.cuda.device_count()))
-    return torch.device(device)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively (fast): CUDA with bf16 support, or a CPU with
-    AVX512-BF16 or AMX (elsewhere CPU bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(cpu, name, lambda: False)() for name in checks)
-    return False
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`precision=auto` becomes bf16 where it is native (see `native_bf16`), else fp32."""
-    if name != "auto":
-        return name
-    return "bf16" if native_bf16(device) else "fp32"
 
 
 def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
@@ -112,6 +78,20 @@ def wrap_model(model: nn.Module, cfg: DistributedConfig, info: DistInfo) -> nn.M
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward)
     fully_shard(model, reshard_after_forward=cfg.reshard_after_forward)
     return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers; FSDP2
+    shards in place, so a fully_shard'ed model is already bare."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def barrier() -> None:

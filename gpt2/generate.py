@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import GenerateConfig, UserError
-from gpt2.distributed import resolve_device, resolve_precision
+from gpt2.device import resolve_device, resolve_dtype
+from gpt2.distributed import unwrap_model
 from gpt2.model import GPT, model_from_state_dict
 
 
@@ -68,7 +69,7 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
     stops once every row has. A generator makes sampling reproducible (it must live on the model's device).
     The total length must fit n_positions: the caller crops the prompt.
     """
-    model = getattr(model, "_orig_mod", model)  # decode eagerly even if the model was torch.compile'd
+    model = unwrap_model(model)  # decode eagerly even if the model was torch.compile'd or DDP-wrapped
     T = idx.size(1)
     total = T + max_new_tokens
     n_positions = model.cfg.n_positions
@@ -116,12 +117,6 @@ def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: floa
 
 
 # ------------------------------------------------------------------ run_generate.py
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto -> bf16 where the device runs it natively (CUDA, AVX512-BF16/AMX CPUs), else fp32."""
-    name = resolve_precision(name, device)
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> GPT:

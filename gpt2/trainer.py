@@ -19,6 +19,7 @@ from torch import nn
 from gpt2 import checkpoint as ckpt
 from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
 from gpt2.data import PreparedData, prepare_data
+from gpt2.device import autocast, grad_scaler, resolve_precision, set_tf32
 from gpt2.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -26,21 +27,18 @@ from gpt2.distributed import (
     barrier,
     cleanup,
     init_distributed,
-    resolve_precision,
+    unwrap_model,
     wrap_model,
 )
 from gpt2.generate import generate
 from gpt2.loader import TokenLoader
-from gpt2.logging import RunLogger, detect_peak_flops, format_duration
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer, lr_multiplier, set_lr
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from gpt2.runlog import RunLogger, detect_peak_flops, format_duration
 from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("gpt2")
-
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class TrainingInterrupted(Exception):
     """Training stopped early on purpose (preemption signal); a checkpoint was written.
@@ -72,7 +70,7 @@ class Trainer:
     ) -> None:
         self.cfg = cfg
         self.model = model  # possibly DDP/FSDP/compile-wrapped
-        self.raw_model = ckpt.unwrap_model(model)
+        self.raw_model = unwrap_model(model)
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -83,8 +81,7 @@ class Trainer:
         self.device = dist.device
         cfg.precision.name = resolve_precision(cfg.precision.name, self.device)  # checkpoints record the real one
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
-        self.autocast_dtype = AUTOCAST_DTYPES[cfg.precision.name]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision.name == "fp16")
+        self.scaler = grad_scaler(self.device, cfg.precision.name)
         self.sharded = cfg.distributed.name == "fsdp" and dist.enabled
         # State that checkpoints carry.
         self.step = 0
@@ -98,9 +95,7 @@ class Trainer:
     # ----------------------------------------------------------------- steps
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.cfg.precision.name)
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-step (FSDP2: reduce-scatter)."""
@@ -419,11 +414,8 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     preemption.install()
     logger: RunLogger | None = None
     try:
-        if dist.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = cfg.precision.tf32
-            torch.backends.cudnn.allow_tf32 = cfg.precision.tf32
-        if cfg.precision.name == "bf16" and dist.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("precision=bf16 but this GPU has no bf16 support; use precision=fp16 or fp32.")
+        set_tf32(dist.device, cfg.precision.tf32)
+        resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it, before any work
         if cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and dist.enabled:
             raise UserError("optimizer=muon is not supported with distributed=fsdp; use distributed=ddp "
                             "or optimizer=adamw.")

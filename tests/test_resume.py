@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from gpt2.checkpoint import find_latest, read_meta
 from gpt2.config import UserError
-from gpt2.logging import read_metrics
 from gpt2.preemption import PREEMPTED_EXIT_CODE
+from gpt2.runlog import read_metrics
 from gpt2.trainer import train
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.logging import read_metrics
+from gpt2.runlog import read_metrics
 from gpt2.slurm import device_index, init_slurm_env
 
 from .helpers import REPO, subprocess_env

@@ -12,9 +12,9 @@ import torch
 
 from gpt2.config import TrainConfig
 from gpt2.distributed import DistInfo
-from gpt2.logging import read_metrics
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
+from gpt2.runlog import read_metrics
 from gpt2.trainer import Trainer, build_data, train
 
 from .helpers import compose_train, run_torchrun, run_train_cli
