@@ -31,6 +31,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_train", node=C.TrainConfig)
     cs.store(name="base_generate", node=C.GenerateConfig)
+    cs.store(name="base_eval", node=C.EvalRunConfig)
     for group, node in (
         ("model", C.ModelConfig),
         ("optimizer", C.OptimizerConfig),

@@ -259,6 +259,37 @@ class CheckpointConfig:
         _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1.")
 
 
+# -------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class HellaSwagConfig:
+    """Where the HellaSwag validation items come from."""
+
+    path: str | None = None
+    """The validation jsonl (rowanz/hellaswag data/hellaswag_val.jsonl); null = download it once into the cache."""
+
+
+@dataclass
+class EvalConfig:
+    """What the periodic evaluation during training measures (cadence: eval_interval)."""
+
+    val_tokens: int = 1_000_000
+    """A val split of at most this many tokens is scored whole, a larger one on a fixed seeded sample this size."""
+    hellaswag_interval: int = 0
+    """Also run HellaSwag at every N-th step (and at the end); 0 = off."""
+    hellaswag_limit: int = 0
+    """Score only the first N HellaSwag items; 0 = all 10,042."""
+    hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
+    """HellaSwag data."""
+
+    def check(self) -> None:
+        _require(self.val_tokens >= 0, f"eval.val_tokens={self.val_tokens} must be >= 0 (0 = always the whole split).")
+        _require(self.hellaswag_interval >= 0, f"eval.hellaswag_interval={self.hellaswag_interval} must be >= 0 "
+                                               f"(0 = off).")
+        _require(self.hellaswag_limit >= 0, f"eval.hellaswag_limit={self.hellaswag_limit} must be >= 0 (0 = all).")
+
+
 # ------------------------------------------------------------------------- roots
 
 
@@ -284,6 +315,8 @@ class TrainConfig:
     """Starting weights."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """What each evaluation measures."""
 
     seed: int = 1337
     """Seed for init, data order and dropout."""
@@ -301,8 +334,8 @@ class TrainConfig:
     """Tokens per training sequence; <= model.n_positions."""
     eval_interval: int = 100
     """Evaluate every N steps (and at the end); 0 = only at the end."""
-    eval_iters: int = 20
-    """Validation batches per evaluation (split over ranks)."""
+    eval_iters: int = 0
+    """At most this many batches of micro_batch_size val windows per evaluation; 0 = eval.val_tokens decides."""
     log_interval: int = 10
     """Log training metrics every N steps."""
     sample_prompt: str = "ROMEO:"
@@ -317,8 +350,9 @@ class TrainConfig:
     """Show a live progress bar on the console (rank 0)."""
 
     def check(self) -> None:
-        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "block_size", "eval_iters", "log_interval"):
+        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "block_size", "log_interval"):
             _positive(key, getattr(self, key))
+        _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0 (0 = eval.val_tokens decides).")
         _require(self.eval_interval >= 0, f"eval_interval={self.eval_interval} must be >= 0.")
         _require(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0.")
         _require(
@@ -342,7 +376,7 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check every group and the rules that span groups; raise ConfigError on the first problem."""
     for group in (cfg.model, cfg.optimizer, cfg.scheduler, cfg.precision, cfg.distributed, cfg.data, cfg.logger,
-                  cfg.checkpoint, cfg):
+                  cfg.checkpoint, cfg.eval, cfg):
         group.check()
     _require(
         cfg.block_size <= cfg.model.n_positions,
@@ -403,6 +437,58 @@ class GenerateConfig:
         _require(self.top_k is None or self.top_k > 0, f"top_k={self.top_k} must be > 0 or null.")
         _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or null.")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+
+
+@dataclass
+class EvalRunConfig:
+    """Everything `run_eval.py` needs; composed from conf/eval.yaml."""
+
+    checkpoint: str | None = None
+    """A checkpoint file/dir, or a run dir (its latest valid checkpoint)."""
+    pretrained: str | None = None
+    """Instead of a checkpoint: a Hugging Face name or local HF directory."""
+    tasks: list[str] = field(default_factory=lambda: ["val_loss", "hellaswag"])
+    """Tasks to run, in order: val_loss and/or hellaswag."""
+    device: str = "auto"
+    """auto, cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto (bf16 where native, else fp32), fp32, bf16 or fp16 (autocast; weights stay fp32)."""
+    batch_size: int = 16
+    """Items per forward: HellaSwag questions (4 rows each) or val windows."""
+    limit: int = 0
+    """Only the first N items of each task (HellaSwag questions, val windows); 0 = all."""
+    hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
+    """HellaSwag data."""
+    data: DataConfig | None = None
+    """val_loss: the corpus whose val split is scored; null = the checkpoint's training data."""
+    block_size: int | None = None
+    """val_loss: window length; null = the checkpoint's block_size (else the model's n_positions)."""
+    val_tokens: int | None = None
+    """val_loss: whole split up to this many tokens, else a seeded sample; null = the checkpoint's eval.val_tokens."""
+    seed: int | None = None
+    """val_loss: seed of the window sample; null = the checkpoint's seed (the windows its training logged)."""
+    cache_dir: str = "~/.cache/gpt2"
+    """Where the HellaSwag file is downloaded (with a checkpoint: its data.cache_dir)."""
+    tokenizer_path: str | None = None
+    """A gpt2.tiktoken ranks file (see README: offline tokenizer)."""
+    output_file: str | None = None
+    """Also write the results as JSON to this file; null = print only."""
+
+    def check(self) -> None:
+        _require(
+            (self.checkpoint is None) != (self.pretrained is None),
+            "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.",
+        )
+        _require(bool(self.tasks), "tasks is empty; give tasks=[val_loss,hellaswag] or one of them.")
+        for task in self.tasks:
+            _choice("tasks", task, ("val_loss", "hellaswag"))
+        _positive("batch_size", self.batch_size)
+        _require(self.limit >= 0, f"limit={self.limit} must be >= 0 (0 = all items).")
+        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _require(self.block_size is None or self.block_size > 0, f"block_size={self.block_size} must be > 0.")
+        _require(self.val_tokens is None or self.val_tokens >= 0, f"val_tokens={self.val_tokens} must be >= 0.")
+        if self.data is not None:
+            self.data.check()
 
 
 # -------------------------------------------------------------------- helpers

@@ -30,6 +30,8 @@ from gpt2.distributed import (
     unwrap_model,
     wrap_model,
 )
+from gpt2.evals import hellaswag
+from gpt2.evals.val_loss import select_windows, val_loss
 from gpt2.generate import generate
 from gpt2.loader import TokenLoader
 from gpt2.model import GPT
@@ -67,6 +69,7 @@ class Trainer:
         output_dir: str | Path,
         tokenizer: Tokenizer | None = None,
         preemption: PreemptionHandler | None = None,
+        hellaswag_items: list[hellaswag.Rendered] | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model  # possibly DDP/FSDP/compile-wrapped
@@ -78,6 +81,10 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.preemption = preemption
+        self.hellaswag_items = hellaswag_items  # needed when cfg.eval.hellaswag_interval > 0
+        # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
+        self.val_windows = select_windows(len(val_loader.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
+                                          max_windows=cfg.eval_iters * cfg.micro_batch_size)
         self.device = dist.device
         cfg.precision.name = resolve_precision(cfg.precision.name, self.device)  # checkpoints record the real one
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
@@ -154,23 +161,19 @@ class Trainer:
         return float(norm)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean val loss over `eval_iters` batches split across ranks (same batches every time)."""
-        self.model.eval()
-        self.val_loader.reset()
-        iters = max(1, math.ceil(self.cfg.eval_iters / self.dist.world_size))
-        total = torch.zeros((), device=self.device)
-        done = 0
-        for _ in range(iters):
-            if any_rank(self._preempted(), self.device):  # all ranks leave together (FSDP forwards are collective)
-                break
-            x, y = self.val_loader.next_batch()
-            with self.autocast():
-                total += self.model(x.to(self.device), y.to(self.device)).loss.float()
-            done += 1
-        self.model.train()
-        loss = all_reduce_mean(total / max(1, done)).item()
-        return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}
+    def evaluate(self, with_hellaswag: bool = False) -> dict[str, float]:
+        """Val loss over the fixed windows (gpt2.evals.val_loss, split across ranks), and HellaSwag
+        accuracy when asked. Stops early (incomplete numbers) when a preemption signal arrives."""
+        stop = lambda: any_rank(self._preempted(), self.device)  # noqa: E731  all ranks leave together
+        val = val_loss(self.model, self.val_loader.tokens, self.val_windows, batch_size=self.cfg.micro_batch_size,
+                       device=self.device, autocast=self.autocast, should_stop=stop)
+        metrics = {"val/loss": val.loss, "val/perplexity": val.perplexity, "val/tokens": float(val.n_tokens)}
+        if with_hellaswag and self.hellaswag_items and not stop():
+            hs = hellaswag.score(self.raw_model, self.hellaswag_items, batch_size=self.cfg.micro_batch_size,
+                                 device=self.device, autocast=self.autocast)
+            metrics.update({"hellaswag/acc": hs.acc, "hellaswag/acc_norm": hs.acc_norm,
+                            "hellaswag/items": float(hs.n_items)})
+        return metrics
 
     @torch.no_grad()
     def sample(self) -> str | None:
@@ -245,15 +248,21 @@ class Trainer:
         return self.preemption is not None and self.preemption.requested
 
     def _run_eval(self) -> dict[str, float]:
-        metrics = self.evaluate()
+        every = self.cfg.eval.hellaswag_interval
+        final = self.step >= self.cfg.max_steps
+        metrics = self.evaluate(with_hellaswag=every > 0 and (self.step % every == 0 or final))
         if any_rank(self._preempted(), self.device):  # possibly cut short: never log/return a partial val loss
             self._stop_for_preemption()  # after the final step too: the resumed run then evaluates in full
         self.last_val_loss = metrics["val/loss"]
         self.best_val_loss = min(self.best_val_loss, self.last_val_loss)
         text = self.sample()
         if self.logger is not None:
-            self.logger.log(self.step, metrics, f"step {self.step}: val loss {metrics['val/loss']:.4f} "
-                                                f"(ppl {metrics['val/perplexity']:.1f})")
+            line = (f"step {self.step}: val loss {metrics['val/loss']:.4f} (ppl {metrics['val/perplexity']:.1f}, "
+                    f"{int(metrics['val/tokens']):,} tokens)")
+            if "hellaswag/acc_norm" in metrics:
+                line += (f" hellaswag acc_norm {metrics['hellaswag/acc_norm']:.4f} acc {metrics['hellaswag/acc']:.4f} "
+                         f"({int(metrics['hellaswag/items']):,} items)")
+            self.logger.log(self.step, metrics, line)
             if text is not None:
                 self.logger.log_text(self.step, "sample", text)
         return metrics
@@ -270,7 +279,7 @@ class Trainer:
         progress = _Progress(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
         train_time, steps_since = 0.0, 0  # since the last log line; evals and saves are not counted
         self.model.train()
-        if self.step == 0 and cfg.eval_interval > 0:
+        if self.step == 0 and (cfg.eval_interval > 0 or cfg.eval.hellaswag_interval > 0):
             self._run_eval()  # the baseline every later evaluation is compared against
         with progress:
             while self.step < cfg.max_steps:
@@ -296,7 +305,7 @@ class Trainer:
                                         f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
                                         f"{tok_s:,.0f} tok/s{mfu} eta {format_duration(eta)}")
                     train_time, steps_since = 0.0, 0
-                if self._should(cfg.eval_interval):
+                if self._should(cfg.eval_interval) or self._should(cfg.eval.hellaswag_interval):
                     self._run_eval()
                 if self._should(cfg.checkpoint.interval):
                     self.save_checkpoint()
@@ -365,6 +374,22 @@ def build_data(cfg: TrainConfig, dist: DistInfo) -> tuple[TokenLoader, TokenLoad
     return train_loader, val_loader
 
 
+def build_hellaswag(cfg: TrainConfig, dist: DistInfo, tokenizer: Tokenizer,
+                    model_positions: int) -> list[hellaswag.Rendered] | None:
+    """HellaSwag items rendered once for evaluation during training (None when eval.hellaswag_interval
+    is 0); rank 0 downloads the file first when it is not cached."""
+    if cfg.eval.hellaswag_interval == 0:
+        return None
+    path = None
+    if dist.is_main:
+        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
+    barrier()
+    if path is None:
+        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
+    items = hellaswag.load_items(path, cfg.eval.hellaswag_limit)
+    return hellaswag.render(items, tokenizer.encode_batch, model_positions)
+
+
 def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
     """Random GPT-2 init, or Hugging Face weights when `init.pretrained` is set and no
     checkpoint is being resumed (a checkpoint always wins)."""
@@ -431,7 +456,9 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         if cfg.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
-        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption)
+        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, ckpt.unwrap_model(model).cfg.n_positions)
+        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
+                          hellaswag_items=hellaswag_items)
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
         if dist.is_main:
