@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         if cfg.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
-        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, ckpt.unwrap_model(model).cfg.n_positions)
+        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, unwrap_model(model).cfg.n_positions)
         trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
                           hellaswag_items=hellaswag_items)
         if resume_from is not None:

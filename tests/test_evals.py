@@ -3,10 +3,6 @@ trainer's periodic evaluation, and run_eval.py (issue #11). CPU only, no network
 
 from __future__ import annotations
 
-import json
-import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +11,12 @@ import torch
 
 from gpt2.config import ModelConfig, TrainConfig, UserError
 from gpt2.distributed import DistInfo
-from gpt2.evals import hellaswag
-from gpt2.evals.val_loss import select_windows, val_loss
-from gpt2.logging import read_metrics
+from gpt2.evals.val_loss import select_windows
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
-from gpt2.pretrained import export_hf, gpt_to_hf
 from gpt2.trainer import Trainer
 
-from .helpers import REPO, compose_train, subprocess_env
+from .helpers import compose_train
 
 CPU = torch.device("cpu")
 

@@ -19,8 +19,6 @@ from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TrainConfi
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
     """The training config saved with the checkpoint (None for a pretrained model)."""
@@ -118,7 +116,9 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run cfg.tasks on the model named by cfg; every rank returns the same results, rank 0 prints."""
-    from gpt2.distributed import cleanup, init_distributed, resolve_precision
+    from gpt2.device import autocast as autocast_for
+    from gpt2.device import resolve_precision
+    from gpt2.distributed import cleanup, init_distributed
     from gpt2.generate import load_model
     from gpt2.tokenizer import get_tokenizer
 
@@ -128,12 +128,9 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     try:
         train_cfg = _train_config(cfg)
         precision = resolve_precision(cfg.dtype, dist.device)
-        dtype = AUTOCAST[precision]
 
         def autocast() -> contextlib.AbstractContextManager:
-            if dtype is None:
-                return contextlib.nullcontext()
-            return torch.autocast(dist.device.type, dtype=dtype)
+            return autocast_for(dist.device, precision)
 
         model = load_model(cfg.checkpoint, cfg.pretrained).to(dist.device).eval()
         cache_dir = train_cfg.data.cache_dir if train_cfg is not None else cfg.cache_dir
