@@ -2,7 +2,7 @@
 
 DCP pickles its ``.metadata`` file and ``torch.load``s non-tensor values with ``weights_only=False``;
 the reader and planners here replace both with allow-listed loading, so a planted file cannot execute code.
-Used by gpt2.checkpoint; the model passed in is the bare (FSDP-managed) module.
+Used by gpt2.checkpoint and gpt2.checkpoint_store; the model passed in is the bare (FSDP-managed) module.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from gpt2.config import UserError
+from gpt2.model import check_state_shapes
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", n)
@@ -124,15 +125,14 @@ def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Collective: load model (+ optimizer) shards, resharding to the current world size."""
-    from gpt2.checkpoint import check_compatible
-
     md = read_dcp_metadata(path)
     if optimizer is None:
         state: dict[str, Any] = {"model": get_model_state_dict(model)}
     else:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-    check_compatible({k: tuple(v.shape) for k, v in state["model"].items()}, tensor_shapes(md, "model"), path)
+    check_state_shapes({k: tuple(v.shape) for k, v in state["model"].items()}, tensor_shapes(md, "model"),
+                       str(path))
     try:
         with warnings.catch_warnings():  # no process group = a deliberate single-process load
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")

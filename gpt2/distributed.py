@@ -108,13 +108,28 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (e.g. a preemption signal)."""
-    if not dist.is_initialized():
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialized process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank if `flag` is true on any rank (e.g. a preemption signal). A collective, so
+    also a barrier; `device` defaults to this rank's GPU under nccl, else the CPU."""
+    if not (dist.is_available() and dist.is_initialized()):
         return flag
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def all_ranks(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank only if `flag` is true on every rank (see `any_rank`)."""
+    return not any_rank(not flag, device)
 
 
 def cleanup() -> None:

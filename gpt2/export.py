@@ -18,7 +18,7 @@ from gpt2.config import UserError
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
-    from gpt2.checkpoint import load_weights
+    from gpt2.checkpoint_store import load_weights
     from gpt2.pretrained import export_hf
 
     ckpt, cfg, state = load_weights(checkpoint)

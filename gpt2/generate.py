@@ -127,13 +127,10 @@ def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> 
         return load_pretrained(pretrained)
     if checkpoint is None:
         raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
-    from gpt2.checkpoint import load_weights
+    from gpt2.checkpoint_store import load_weights
 
     ckpt, cfg, state = load_weights(checkpoint)
-    try:
-        return model_from_state_dict(cfg, state)
-    except ValueError as err:
-        raise UserError(f"{ckpt}: {err}") from err
+    return model_from_state_dict(cfg, state, source=str(ckpt))
 
 
 def _prompt_tokens(tokens: list[int], cfg: GenerateConfig, n_positions: int, eot: int) -> list[int]:

@@ -219,7 +219,29 @@ class GPT(nn.Module):
         return GPTOutput(logits=logits, loss=loss)
 
 
-def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> GPT:
+class StateDictMismatch(UserError, ValueError):
+    """Weights whose keys or shapes do not fit the model (a UserError: the wrong checkpoint or model config)."""
+
+
+def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], source: str) -> None:
+    """The one key/shape check for weights from anywhere (checkpoint, DCP shards, state dict): raises
+    StateDictMismatch naming the first missing or unexpected key, or the key and both shapes."""
+    for key, shape in expected.items():
+        if key not in found:
+            raise StateDictMismatch(f"{source} has no tensor {key!r} that the model needs; "
+                                    f"was it saved by another model?")
+        if tuple(found[key]) != tuple(shape):
+            raise StateDictMismatch(
+                f"{source}: {key!r} has shape {tuple(found[key])} in the checkpoint but {tuple(shape)} in the model; "
+                f"use the model config the checkpoint was trained with (see its meta.json)."
+            )
+    extra = [k for k in found if k not in expected]
+    if extra:
+        raise StateDictMismatch(f"{source} has tensor {extra[0]!r} that the model does not have; "
+                                f"was it saved by another model?")
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], source: str = "the state dict") -> GPT:
     """A GPT holding `state` (our key names; `lm_head.weight` may be missing since it is `transformer.wte.weight`).
     Built on the meta device and filled by assignment, so no time is spent on a random init."""
     state = dict(state)
@@ -228,16 +250,8 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor]) -> GPT:
         state["transformer.wte.weight"] = state["lm_head.weight"] = wte
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"state dict does not fit the model {cfg.name!r}: missing keys {missing[:5]}, "
-                         f"unexpected keys {unexpected[:5]}.")
-    for key, tensor in expected.items():
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(f"{key}: checkpoint shape {tuple(state[key].shape)} does not match the model's "
-                             f"{tuple(tensor.shape)}.")
+    check_state_shapes({k: tuple(t.shape) for k, t in model.state_dict().items()},
+                       {k: tuple(t.shape) for k, t in state.items()}, source)
     model.load_state_dict(state, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # re-tie: assignment created two Parameters
     return model

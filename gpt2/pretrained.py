@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import MODEL_PRESETS, ModelConfig, UserError
-from gpt2.model import GPT, model_from_state_dict
+from gpt2.model import GPT, StateDictMismatch, model_from_state_dict
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 """Names load_pretrained fetches from the Hugging Face Hub."""
@@ -53,7 +53,7 @@ def _key_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], bool]]:
 
 def _check_shape(key: str, tensor: Tensor, expected: tuple[int, ...], what: str) -> None:
     if tuple(tensor.shape) != expected:
-        raise ValueError(f"{key}: {what} has shape {tuple(tensor.shape)} but the model expects {expected}.")
+        raise StateDictMismatch(f"{key}: {what} has shape {tuple(tensor.shape)} but the model expects {expected}.")
 
 
 def hf_to_gpt(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

@@ -7,9 +7,14 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Imported here, not lazily: importing rich draws from Python's `random`, and a run's RNG state must not
+# depend on when (or whether) a progress bar first appears (seeding happens after this import).
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gpt2.config import LoggerConfig, TrainConfig, to_dict
 
@@ -170,3 +175,27 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+class ProgressBar:
+    """A rich progress bar on an interactive console (rank 0), otherwise nothing."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
+
+    def __enter__(self) -> ProgressBar:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")

