@@ -24,7 +24,7 @@ def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
     """The training config saved with the checkpoint (None for a pretrained model)."""
     if cfg.checkpoint is None:
         return None
-    from gpt2.checkpoint import read_meta, resolve_checkpoint
+    from gpt2.checkpoint_store import read_meta, resolve_checkpoint
 
     saved = read_meta(resolve_checkpoint(cfg.checkpoint)).get("config") or {}
     return from_dict(TrainConfig, saved)
