@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 import secrets
 import sys
@@ -113,6 +114,14 @@ def main(dcfg: DictConfig) -> float:
     except (C.UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     output_dir = HydraConfig.get().runtime.output_dir
+    if cfg.dry_run:
+        from gpt2.plan import dry_run
+
+        try:
+            print(dry_run(cfg, output_dir))
+        except C.UserError as err:
+            fail(str(err))
+        return math.nan
     try:
         val_loss = train(cfg, output_dir)
     except TrainingInterrupted as stop:

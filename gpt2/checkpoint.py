@@ -46,6 +46,7 @@ from gpt2.checkpoint_store import (
 from gpt2.config import CheckpointConfig, UserError
 from gpt2.distributed import all_ranks, rank_and_world, unwrap_model
 from gpt2.model import check_state_shapes
+from gpt2.optim import hyperparameters, set_hyperparameters
 
 log = logging.getLogger("gpt2")
 
@@ -92,16 +93,23 @@ class CheckpointManager:
         return resolve_checkpoint(resume)
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             rank_state: dict, config: dict, val_loss: float | None) -> Path:
+             rank_state: dict, config: dict, plan: dict, val_loss: float | None) -> Path:
         """Collective: write checkpoint `step`, then purge the ones retention does not keep."""
         path = save_checkpoint(self.dir, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
-                               rank_state=rank_state, config=config, val_loss=val_loss,
+                               rank_state=rank_state, config=config, plan=plan, val_loss=val_loss,
                                keep_last=self.cfg.keep_last, keep_best=self.cfg.keep_best, sharded=self.sharded)
         log.info("saved checkpoint %s", path)
         return path
 
     def load(self, path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> LoadedCheckpoint:
-        return load_checkpoint(path, model=model, optimizer=optimizer, sharded=self.sharded)
+        """Weights, optimizer state and trainer/rank state of `path`. The optimizer keeps the hyperparameters
+        it was built with (this run's config), not the checkpoint's."""
+        if optimizer is None:
+            return load_checkpoint(path, model=model, optimizer=None, sharded=self.sharded)
+        settings = hyperparameters(optimizer)
+        loaded = load_checkpoint(path, model=model, optimizer=optimizer, sharded=self.sharded)
+        set_hyperparameters(optimizer, settings)
+        return loaded
 
 
 # ------------------------------------------------------------------ save
@@ -214,16 +222,17 @@ def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 def save_checkpoint(root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, rank_state: dict, config: dict, val_loss: float | None,
-                    keep_last: int, keep_best: bool, sharded: bool) -> Path:
+                    keep_last: int, keep_best: bool, sharded: bool, plan: dict | None = None) -> Path:
     """Write checkpoint `step` under ``root/checkpoints/`` (root = run dir; a dir named checkpoints is used as is).
 
+    `config` is the run's config as composed, `plan` its run plan (with the model actually trained).
     Collective when torch.distributed is initialized: every rank calls it. Returns the final directory.
     On any failure the partial ``.tmp`` dir is removed and earlier checkpoints are untouched.
     """
     started = time.time()
     _, world = rank_and_world()
     loss = float(val_loss) if val_loss is not None and math.isfinite(val_loss) else None
-    meta = {"format": FORMAT, "step": int(step), "val_loss": loss, "config": config, "world_size": world,
+    meta = {"format": FORMAT, "step": int(step), "val_loss": loss, "config": config, "plan": plan, "world_size": world,
             "sharded": bool(sharded), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     job = _SaveJob(checkpoints_dir(root), step, meta)
     job.run(job.prepare)

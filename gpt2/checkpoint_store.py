@@ -161,9 +161,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_model_config(ckpt: Path) -> ModelConfig:
-    """The architecture a checkpoint was trained with (config.model in its meta.json)."""
+    """The architecture a checkpoint was trained with (plan.model in its meta.json; config.model in
+    checkpoints from before run plans)."""
+    meta = read_meta(ckpt)
     try:
-        return from_dict(ModelConfig, read_meta(ckpt)["config"]["model"])
+        return from_dict(ModelConfig, (meta.get("plan") or meta["config"])["model"])
     except (KeyError, TypeError) as err:
         raise UserError(f"{Path(ckpt) / META} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
 

@@ -348,6 +348,8 @@ class TrainConfig:
     """A checkpoint file/dir or run dir to resume from, or 'auto' (latest in this run dir if any)."""
     progress_bar: bool = True
     """Show a live progress bar on the console (rank 0)."""
+    dry_run: bool = False
+    """Print the composed config, the run plan, parameter count and checks, then exit without training."""
 
     def check(self) -> None:
         for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "block_size", "log_interval"):
@@ -384,6 +386,10 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         f"lower block_size or raise model.n_positions.",
     )
     grad_accum_steps(cfg, world_size)
+    _require(
+        not (cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and world_size > 1),
+        "optimizer=muon is not supported with distributed=fsdp; use distributed=ddp or optimizer=adamw.",
+    )
     _require(
         cfg.scheduler.warmup_steps <= cfg.max_steps,
         f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "

@@ -103,3 +103,15 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * multiplier
     return optimizer.param_groups[0]["lr"]
+
+
+def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Every param group's settings (lr, peak_lr, weight_decay, betas, ...) without its params."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
+    """Put `settings` (from `hyperparameters`) back, e.g. after loading a checkpoint's optimizer state,
+    which carries the old run's values: on resume the config's hyperparameters win."""
+    for group, values in zip(optimizer.param_groups, settings, strict=True):
+        group.update(values)

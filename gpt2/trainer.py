@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from gpt2.checkpoint import CheckpointManager
-from gpt2.checkpoint_store import read_model_config
-from gpt2.config import TrainConfig, UserError, grad_accum_steps, to_dict
+from gpt2.checkpoint_store import read_meta
+from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
 from gpt2.data import PreparedData, prepare_data
 from gpt2.device import autocast, grad_scaler, resolve_precision, set_tf32
 from gpt2.distributed import (
@@ -35,6 +35,7 @@ from gpt2.generate import generate
 from gpt2.loader import TokenLoader
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer, lr_multiplier, set_lr
+from gpt2.plan import RunPlan, make_plan, resume_model
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from gpt2.rng import capture_rng_state, restore_rng_state, seed_everything
 from gpt2.runlog import ProgressBar, RunLogger, detect_peak_flops, format_duration
@@ -70,8 +71,9 @@ class Trainer:
         tokenizer: Tokenizer | None = None,
         preemption: PreemptionHandler | None = None,
         hellaswag_items: list[hellaswag.Rendered] | None = None,
+        plan: RunPlan | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg  # read only
         self.model = model  # possibly DDP/FSDP/compile-wrapped
         self.raw_model = unwrap_model(model)
         self.optimizer = optimizer
@@ -86,9 +88,10 @@ class Trainer:
         self.val_windows = select_windows(len(val_loader.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
                                           max_windows=cfg.eval_iters * cfg.micro_batch_size)
         self.device = dist.device
-        cfg.precision.name = resolve_precision(cfg.precision.name, self.device)  # checkpoints record the real one
-        self.grad_accum = grad_accum_steps(cfg, dist.world_size)
-        self.scaler = grad_scaler(self.device, cfg.precision.name)
+        self.plan = plan or make_plan(cfg, str(dist.device), resolve_precision(cfg.precision.name, dist.device),
+                                      dist.world_size, self.raw_model.cfg, resume_from=None)
+        self.grad_accum = self.plan.grad_accum
+        self.scaler = grad_scaler(self.device, self.plan.precision)
         self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, is_main=dist.is_main,
                                              sharded=cfg.distributed.name == "fsdp" and dist.enabled)
         # State that checkpoints carry.
@@ -103,7 +106,7 @@ class Trainer:
     # ----------------------------------------------------------------- steps
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.cfg.precision.name)
+        return autocast(self.device, self.plan.precision)
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-step (FSDP2: reduce-scatter)."""
@@ -231,7 +234,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
                                      trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
-                                     config=to_dict(self.cfg), val_loss=self.last_val_loss)
+                                     config=to_dict(self.cfg), plan=to_dict(self.plan), val_loss=self.last_val_loss)
 
     def load_checkpoint(self, path: Path) -> None:
         loaded = self.checkpoints.load(path, model=self.model, optimizer=self.optimizer)
@@ -356,8 +359,8 @@ def build_hellaswag(cfg: TrainConfig, dist: DistInfo, tokenizer: Tokenizer,
     return hellaswag.render(items, tokenizer.encode_batch, model_positions)
 
 
-def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
-    """Random GPT-2 init, or Hugging Face weights when `init.pretrained` is set and no
+def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.Module:
+    """Random GPT-2 init of `model_cfg`, or Hugging Face weights when `init.pretrained` is set and no
     checkpoint is being resumed (a checkpoint always wins)."""
     if cfg.init.pretrained and not resuming:
         from gpt2.pretrained import load_pretrained
@@ -367,19 +370,10 @@ def build_model(cfg: TrainConfig, resuming: bool) -> nn.Module:
         if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
             log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
                         cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
-        cfg.model = model.cfg
         return model
     if cfg.init.pretrained:
         log.info("resuming from a checkpoint: init.pretrained=%s is not loaded", cfg.init.pretrained)
-    return GPT(cfg.model)
-
-
-def _checkpoint_model_config(cfg: TrainConfig, path: Path) -> None:
-    """A resumed run takes its architecture from the checkpoint (model=... cannot change it)."""
-    saved = read_model_config(path)
-    if saved != cfg.model:
-        log.warning("resuming %s: using its model config (%s) instead of model=%s", path, saved.name, cfg.model.name)
-        cfg.model = saved
+    return GPT(model_cfg)
 
 
 def train(cfg: TrainConfig, output_dir: str | Path) -> float:
@@ -394,35 +388,29 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     logger: RunLogger | None = None
     try:
         set_tf32(dist.device, cfg.precision.tf32)
-        resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it, before any work
-        if cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and dist.enabled:
-            raise UserError("optimizer=muon is not supported with distributed=fsdp; use distributed=ddp "
-                            "or optimizer=adamw.")
+        precision = resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
         resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
-        if resume_from is not None:
-            _checkpoint_model_config(cfg, resume_from)
+        model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
         tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
         train_loader, val_loader = build_data(cfg, dist)
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
-        model = build_model(cfg, resuming=resume_from is not None).to(dist.device)
+        model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(dist.device)
+        plan = make_plan(cfg, str(dist.device), precision, dist.world_size, model.cfg, resume_from)
         model = wrap_model(model, cfg.distributed, dist)
         if cfg.compile:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
         hellaswag_items = build_hellaswag(cfg, dist, tokenizer, unwrap_model(model).cfg.n_positions)
         trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
-                          hellaswag_items=hellaswag_items)
+                          hellaswag_items=hellaswag_items, plan=plan)
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
         if dist.is_main:
             logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
             trainer.logger = logger
             trainer.wandb_run_id = logger.wandb_run_id
-            n_params = trainer.raw_model.num_params()
-            log.info("model %s: %.2fM parameters; %d rank(s) on %s; %s; grad accumulation %d; run dir %s",
-                     cfg.model.name, n_params / 1e6, dist.world_size, dist.device, cfg.precision.name,
-                     trainer.grad_accum, output_dir)
+            log.info("%s; run dir %s", plan.describe(trainer.raw_model.num_params()), output_dir)
         return trainer.fit()
     finally:
         if logger is not None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -190,7 +191,7 @@ def test_checkpoint_wins_over_init_pretrained(tmp_path: Path, base_overrides: li
     run_dir = tmp_path / "run"
     first_val = train(compose_train(args), run_dir)
     ckpt = run_dir / "checkpoints" / "step_00000002"
-    assert read_meta(ckpt)["config"]["model"]["n_positions"] == 128  # the architecture came from HF
+    assert read_meta(ckpt)["plan"]["model"]["n_positions"] == 128  # the architecture came from HF
     trained = load_file(ckpt / "model.safetensors")
     caplog.clear()
     # Same command again: the checkpoint (already at max_steps) is loaded, HF is not; the final eval of
@@ -443,3 +444,42 @@ def test_wandb_run_id_survives_resume(tmp_path: Path, base_overrides: list[str],
     assert second_id == first_id
     dirs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.endswith(f"-{first_id}") for d in dirs), dirs
+
+
+# --------------------------------------------------------------------------- changed settings on resume
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]) -> tuple[list[str], Path]:
+    args = [*base_overrides, *SMALL, "max_steps=2", "eval_interval=0", "scheduler=constant"]
+    run_dir = tmp_path_factory.mktemp("two_step") / "run"
+    train(compose_train(args), run_dir)
+    return args, run_dir / "checkpoints" / "step_00000002"
+
+
+def test_changed_hyperparameters_win_on_resume(tmp_path: Path, two_step_run: tuple[list[str], Path],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    args, ckpt = two_step_run
+    caplog.set_level(logging.INFO, logger="gpt2")
+    new = ["max_steps=4", "optimizer.lr=1e-4", "optimizer.weight_decay=0.5", "optimizer.beta2=0.9",
+           f"resume={ckpt}"]
+    train(compose_train([*args, *new]), tmp_path)
+    assert (f"resuming {ckpt} with changed settings (the new values win): max_steps 2 -> 4, optimizer.beta2 0.95 -> "
+            f"0.9, optimizer.lr 0.0006 -> 0.0001, optimizer.weight_decay 0.1 -> 0.5") in caplog.text
+    lrs = {r["step"]: r["train/lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/lr" in r}
+    assert lrs == {3: 1e-4, 4: 1e-4}  # constant schedule after warmup: the new peak lr, not the checkpoint's
+    groups = torch.load(tmp_path / "checkpoints" / "step_00000004" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"] == (0.9, 0.9) for g in groups)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("model.n_embd=32", "model.n_embd=32 (checkpoint: 64): it changes the weights' shapes"),
+    ("optimizer=muon", "optimizer.name=muon (checkpoint: adamw): the optimizer state is per optimizer type"),
+    ("data.tokenizer_path=/elsewhere/gpt2.tiktoken", "data.tokenizer_path=/elsewhere/gpt2.tiktoken (checkpoint: "),
+])
+def test_incompatible_changes_on_resume_are_refused(tmp_path: Path, two_step_run: tuple[list[str], Path],
+                                                    change: str, message: str) -> None:
+    args, ckpt = two_step_run
+    with pytest.raises(UserError, match=f"cannot resume {ckpt} with " + re.escape(message)):
+        train(compose_train([*args, "max_steps=4", change, f"resume={ckpt}"]), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

@@ -134,3 +134,32 @@ def test_cli_run_dir_layout(tmp_path: Path, base_overrides: list[str]) -> None:
     assert "step 2/2" in (result.run_dir / "train.log").read_text()
     overrides = json.dumps(sorted((result.run_dir / ".hydra" / "overrides.yaml").read_text().split()))
     assert "max_steps=2" in overrides
+
+
+def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overrides: list[str]) -> None:
+    import copy
+
+    from gpt2.checkpoint_store import read_meta
+
+    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "precision=auto", "max_steps=2",
+                         "eval_interval=0"])
+    before = copy.deepcopy(cfg)
+    train(cfg, tmp_path)
+    assert cfg == before  # precision stays "auto", the model stays the composed one
+    meta = read_meta(tmp_path / "checkpoints" / "step_00000002")
+    assert meta["config"]["precision"]["name"] == "auto"
+    assert meta["plan"]["precision"] in ("bf16", "fp32") and meta["plan"]["grad_accum"] == 2
+    assert meta["plan"]["model"] == meta["config"]["model"]
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrides: list[str]) -> None:
+    result = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "dry_run=true"], cwd=tmp_path)
+    out = result.proc.stdout
+    assert "# composed config" in out and "# run plan (derived)" in out and "grad_accum: 2" in out
+    assert "model tiny: 3.33M parameters; 1 rank(s) on cpu; fp32; grad accumulation 2; 512 tokens/step x 6 steps" \
+           in out, out
+    assert "# checks passed" in out
+    assert not (result.run_dir / "checkpoints").exists() and not (result.run_dir / "metrics.jsonl").exists()
+    bad = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=7", "dry_run=true"], cwd=tmp_path,
+                        check=False)
+    assert bad.proc.returncode == 2 and bad.proc.stderr.startswith("error: total_batch_tokens=512 is not divisible")
