@@ -9,7 +9,7 @@ classes in ``run_*.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 
@@ -54,8 +54,8 @@ class ModelConfig:
     """Maximum context length (size of the position embedding)."""
     vocab_size: int = 50257
     """Vocabulary size before padding (GPT-2 BPE: 50257)."""
-    pad_vocab_multiple: int = 1
-    """Pad the embedding rows up to a multiple of this (64 is faster on GPU); 1 = no padding."""
+    pad_vocab_multiple: int | None = None
+    """Pad embedding rows inside the model to a multiple of this (GPU speed); null = 64 on CUDA, else 1."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches."""
     bias: bool = True
@@ -67,13 +67,21 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
-        """Embedding rows: vocab_size rounded up to pad_vocab_multiple."""
-        m = self.pad_vocab_multiple
+        """Embedding rows: vocab_size rounded up to pad_vocab_multiple (null counts as 1 until resolved)."""
+        m = self.pad_vocab_multiple or 1
         return ((self.vocab_size + m - 1) // m) * m
 
+    def for_device(self, device_type: str) -> ModelConfig:
+        """This config with pad_vocab_multiple resolved for a device type (null -> 64 on cuda, else 1)."""
+        if self.pad_vocab_multiple is not None:
+            return self
+        return replace(self, pad_vocab_multiple=64 if device_type == "cuda" else 1)
+
     def check(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad_vocab_multiple"):
+        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
             _positive(f"model.{key}", getattr(self, key))
+        if self.pad_vocab_multiple is not None:
+            _positive("model.pad_vocab_multiple", self.pad_vocab_multiple)
         _require(
             self.n_embd % self.n_head == 0,
             f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -328,8 +336,8 @@ class TrainConfig:
     """Optimizer steps to train for."""
     total_batch_tokens: int = 8192
     """Tokens per optimizer step over all ranks (= micro_batch_size * block_size * world * accumulation)."""
-    micro_batch_size: int = 8
-    """Sequences per forward pass on one rank."""
+    micro_batch_size: int | str = 8
+    """Sequences per forward pass on one rank, or auto (CUDA: the largest that fits and divides the batch)."""
     block_size: int = 128
     """Tokens per training sequence; <= model.n_positions."""
     eval_interval: int = 100
@@ -352,8 +360,12 @@ class TrainConfig:
     """Print the composed config, the run plan, parameter count and checks, then exit without training."""
 
     def check(self) -> None:
-        for key in ("max_steps", "total_batch_tokens", "micro_batch_size", "block_size", "log_interval"):
+        for key in ("max_steps", "total_batch_tokens", "block_size", "log_interval"):
             _positive(key, getattr(self, key))
+        _require(
+            self.micro_batch_size == "auto" or (type(self.micro_batch_size) is int and self.micro_batch_size > 0),
+            f"micro_batch_size={self.micro_batch_size!r} must be a number greater than 0 or auto.",
+        )
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0 (0 = eval.val_tokens decides).")
         _require(self.eval_interval >= 0, f"eval_interval={self.eval_interval} must be >= 0.")
         _require(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0.")
@@ -364,8 +376,12 @@ class TrainConfig:
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step; raises ConfigError when the batch does not divide."""
-    tokens_per_micro = cfg.micro_batch_size * cfg.block_size * world_size
+    """Micro-steps per optimizer step; raises ConfigError when the batch does not divide
+    (micro_batch_size must be resolved: not auto)."""
+    micro = cfg.micro_batch_size
+    if not isinstance(micro, int):
+        raise ConfigError(f"micro_batch_size={micro!r} is not resolved yet (auto is resolved when training starts).")
+    tokens_per_micro = micro * cfg.block_size * world_size
     _require(
         cfg.total_batch_tokens % tokens_per_micro == 0,
         f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch_size * block_size * world_size "
@@ -385,7 +401,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         f"block_size={cfg.block_size} exceeds model.n_positions={cfg.model.n_positions}; "
         f"lower block_size or raise model.n_positions.",
     )
-    grad_accum_steps(cfg, world_size)
+    if cfg.micro_batch_size == "auto":
+        per_rank = cfg.block_size * world_size
+        _require(cfg.total_batch_tokens % per_rank == 0,
+                 f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by block_size * world_size = "
+                 f"{cfg.block_size} * {world_size} = {per_rank}; set total_batch_tokens to a multiple of {per_rank}.")
+    else:
+        grad_accum_steps(cfg, world_size)
     _require(
         not (cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and world_size > 1),
         "optimizer=muon is not supported with distributed=fsdp; use distributed=ddp or optimizer=adamw.",

@@ -153,6 +153,9 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying
+        # The padded embedding rows are an internal detail: state dicts (checkpoints, export) hold vocab_size rows.
+        self.register_state_dict_post_hook(_drop_padded_rows)
+        self.register_load_state_dict_pre_hook(_pad_rows)
         self.init_weights()
 
     @torch.no_grad()
@@ -171,6 +174,9 @@ class GPT(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
+        wte = self.transformer.wte.weight
+        if self.cfg.padded_vocab_size > self.cfg.vocab_size and type(wte.data) is torch.Tensor:
+            wte[self.cfg.vocab_size:].zero_()  # padded rows: never looked up, their logits are masked
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameter count, tied weights once (padded vocab rows included). `exclude_embeddings` drops the
@@ -212,11 +218,51 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token distribution
-        logits = self.lm_head(x)[..., : self.cfg.vocab_size]  # (B, T, V): padded rows are never sampled
+        logits = self.lm_head(x)  # (B, T, Vp) with Vp = padded_vocab_size
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return GPTOutput(logits=logits, loss=loss)
+            loss = cross_entropy(logits, targets, self.cfg.vocab_size)
+        return GPTOutput(logits=logits[..., : self.cfg.vocab_size], loss=loss)  # (B, T, V): a view, never padded
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
+    """Mean cross-entropy over targets != -1 of (B, T, Vp) logits whose last Vp - vocab_size columns are
+    padding. The padded columns are set to -inf in place (a (B, T, Vp - V) write; the matmul that made the
+    logits does not need them for its backward), so the softmax is exactly the one over vocab_size classes
+    and no (B, T, V) slice is copied. The logits are not upcast here: under autocast cross_entropy runs in
+    fp32 (autocast's policy), and torch.compile fuses that cast into the softmax kernel instead of
+    materializing an fp32 (B, T, V) copy."""
+    if logits.size(-1) > vocab_size:
+        logits[..., vocab_size:] = float("-inf")
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
+def _drop_padded_rows(module: GPT, state: dict[str, Tensor], prefix: str, local_metadata: dict) -> None:
+    """state_dict() post-hook: the token embedding (and tied lm_head) with vocab_size rows. One shared view,
+    so checkpoint code still sees the two keys as tied. DTensor (FSDP2) shards are left padded."""
+    V = module.cfg.vocab_size
+    keys = [prefix + "transformer.wte.weight", prefix + "lm_head.weight"]
+    wte = state.get(keys[0])
+    if wte is None or wte.size(0) == V or type(wte) is not torch.Tensor:
+        return
+    rows = wte[:V]
+    for key in keys:
+        if key in state:
+            state[key] = rows
+
+
+def _pad_rows(module: GPT, state: dict[str, Tensor], prefix: str, *args: object) -> None:
+    """load_state_dict() pre-hook: pad a vocab_size-row token embedding (and lm_head) with zero rows."""
+    cfg = module.cfg
+    pad = cfg.padded_vocab_size - cfg.vocab_size
+    keys = [prefix + "transformer.wte.weight", prefix + "lm_head.weight"]
+    wte = state.get(keys[0], state.get(keys[1]))
+    if not pad or wte is None or wte.dim() != 2 or wte.size(0) != cfg.vocab_size:
+        return
+    padded = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])  # (padded_vocab_size, C)
+    for key in keys:
+        if key in state:
+            state[key] = padded
 
 
 class StateDictMismatch(UserError, ValueError):
@@ -243,10 +289,13 @@ def check_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tu
 
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, Tensor], source: str = "the state dict") -> GPT:
     """A GPT holding `state` (our key names; `lm_head.weight` may be missing since it is `transformer.wte.weight`).
-    Built on the meta device and filled by assignment, so no time is spent on a random init."""
+    The token embedding may have vocab_size rows (what state_dict() gives) or, from older or FSDP checkpoints,
+    padded_vocab_size rows. Built on the meta device and filled by assignment, so no time is spent on a random init."""
     state = dict(state)
     wte = state.get("transformer.wte.weight", state.get("lm_head.weight"))
     if wte is not None:
+        if wte.dim() == 2 and wte.size(0) == cfg.padded_vocab_size:
+            wte = wte[: cfg.vocab_size]
         state["transformer.wte.weight"] = state["lm_head.weight"] = wte
     with torch.device("meta"):
         model = GPT(cfg)

@@ -57,8 +57,9 @@ def _check_shape(key: str, tensor: Tensor, expected: tuple[int, ...], what: str)
 
 
 def hf_to_gpt(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """Map a GPT2LMHeadModel (or GPT2Model) state dict to ours: Conv1D weights transposed, the token
-    embedding padded to cfg.padded_vocab_size, lm_head tied. ValueError naming the key on any mismatch."""
+    """Map a GPT2LMHeadModel (or GPT2Model) state dict to ours: Conv1D weights transposed, lm_head tied
+    (vocab_size rows, as GPT.state_dict() gives: the model pads its embedding itself when loading).
+    ValueError naming the key on any mismatch."""
     state = {}
     for key, tensor in hf_state.items():
         if key.endswith(_IGNORED_SUFFIXES):
@@ -85,9 +86,6 @@ def hf_to_gpt(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
         _check_shape("lm_head.weight", lm_head, tuple(wte.shape), "the Hugging Face tensor")
         if lm_head.data_ptr() != wte.data_ptr() and not torch.equal(lm_head, wte):
             raise ValueError("lm_head.weight differs from transformer.wte.weight; only tied embeddings are supported.")
-    pad = cfg.padded_vocab_size - cfg.vocab_size
-    if pad:
-        wte = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])  # (padded_vocab_size, C)
     out["transformer.wte.weight"] = out["lm_head.weight"] = wte
     return out
 
@@ -102,7 +100,8 @@ def gpt_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     wte = wte if wte is not None else lm_head
     if wte is None:
         raise ValueError("transformer.wte.weight: missing from the state dict (and no lm_head.weight either).")
-    _check_shape("transformer.wte.weight", wte, (cfg.padded_vocab_size, cfg.n_embd), "the state dict's tensor")
+    if wte.size(0) != cfg.vocab_size:  # a padded embedding (older or FSDP checkpoints)
+        _check_shape("transformer.wte.weight", wte, (cfg.padded_vocab_size, cfg.n_embd), "the state dict's tensor")
     full = ModelConfig(**{**cfg.__dict__, "bias": True})
     out: dict[str, Tensor] = {}
     for key, (shape, transposed) in _key_shapes(full).items():
@@ -181,7 +180,7 @@ def _download(name: str) -> Path:
         ) from err
 
 
-def load_pretrained(name_or_dir: str, *, dropout: float = 0.0, pad_vocab_multiple: int = 1) -> GPT:
+def load_pretrained(name_or_dir: str, *, dropout: float = 0.0, pad_vocab_multiple: int | None = None) -> GPT:
     """A GPT with Hugging Face GPT-2 weights: a local HF directory (config.json + model.safetensors or
     pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). fp32 on the CPU.
     dropout and pad_vocab_multiple are not part of the weights: pass them for fine-tuning."""

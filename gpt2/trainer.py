@@ -8,12 +8,14 @@ import gc
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from gpt2.autobatch import resolve_micro_batch_size
 from gpt2.checkpoint import CheckpointManager
 from gpt2.checkpoint_store import read_meta
 from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
@@ -119,13 +121,11 @@ class Trainer:
         return contextlib.nullcontext()
 
     def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, sync: bool) -> torch.Tensor:
-        """One micro-batch. The loss is weighted by its share of the step's tokens, so the
-        accumulated gradient equals that of one big batch (DDP then averages over ranks)."""
-        tokens_per_rank_step = self.cfg.micro_batch_size * self.cfg.block_size * self.grad_accum
-        n_valid = (y != -1).sum()
+        """One micro-batch. Every micro-batch holds the same number of targets (TokenLoader never yields
+        ignored ones), so the mean of the micro-batch losses is the step's mean loss: dividing each by the
+        accumulation makes the accumulated gradient that of one big batch (DDP then averages over ranks)."""
         with self._sync_context(sync), self.autocast():
-            loss = self.model(x, y).loss
-            scaled = loss * (n_valid / tokens_per_rank_step)
+            scaled = self.model(x, y).loss / self.grad_accum
         self.scaler.scale(scaled).backward()
         return scaled.detach()
 
@@ -365,8 +365,8 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.
     if cfg.init.pretrained and not resuming:
         from gpt2.pretrained import load_pretrained
 
-        model = load_pretrained(cfg.init.pretrained, dropout=cfg.model.dropout,
-                                pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+        model = load_pretrained(cfg.init.pretrained, dropout=model_cfg.dropout,
+                                pad_vocab_multiple=model_cfg.pad_vocab_multiple)
         if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
             log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
                         cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
@@ -391,7 +391,12 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         precision = resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
         resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
         model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
+        model_cfg = model_cfg.for_device(dist.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
         tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
+        if cfg.micro_batch_size == "auto":  # a copy with the number: the user's config is not written to
+            cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
+                cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), dist.device,
+                dist.world_size))
         train_loader, val_loader = build_data(cfg, dist)
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
