@@ -69,7 +69,8 @@ def test_loss_matches_the_upcast_reference(precision: str, pad: int) -> None:
 
 
 def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
-    from gpt2.checkpoint import load_weights, save_checkpoint
+    from gpt2.checkpoint import save_checkpoint
+    from gpt2.checkpoint_store import load_weights
 
     padded, plain = twins()
     assert padded.transformer.wte.weight.shape == (128, 64)
