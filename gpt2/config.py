@@ -161,8 +161,13 @@ class PrecisionConfig:
     tf32: bool = True
     """Allow TF32 matmuls on CUDA."""
 
+    max_skipped_steps: int = 20
+    """fp16: stop when this many optimizer steps in a row were skipped for non-finite gradients; 0 = never."""
+
     def check(self) -> None:
         _choice("precision.name", self.name, ("auto", "fp32", "bf16", "fp16"))
+        _require(self.max_skipped_steps >= 0,
+                 f"precision.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
 
 
 @dataclass
@@ -350,6 +355,10 @@ class TrainConfig:
     """Prompt for the sample generated at each evaluation; empty disables sampling."""
     sample_tokens: int = 64
     """New tokens in each evaluation sample."""
+    sample_temperature: float = 0.8
+    """Softmax temperature of the evaluation sample; 0 = greedy."""
+    sample_top_k: int | None = 200
+    """The evaluation sample picks among the k most likely tokens; null = no limit."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; null = detect (known GPUs) or skip."""
     resume: str | None = None
@@ -369,6 +378,10 @@ class TrainConfig:
         _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0 (0 = eval.val_tokens decides).")
         _require(self.eval_interval >= 0, f"eval_interval={self.eval_interval} must be >= 0.")
         _require(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0.")
+        _require(self.sample_temperature >= 0, f"sample_temperature={self.sample_temperature} must be >= 0 "
+                                               f"(0 = greedy).")
+        _require(self.sample_top_k is None or self.sample_top_k > 0,
+                 f"sample_top_k={self.sample_top_k} must be > 0 or null.")
         _require(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device={self.device!r} is not supported; use auto, cpu, cuda or cuda:N.",

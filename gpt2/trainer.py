@@ -100,6 +100,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped_steps = 0
+        self.consecutive_skipped = 0
         self.best_val_loss = math.inf
         self.last_val_loss: float | None = None
         self.wandb_run_id: str | None = None
@@ -137,25 +138,40 @@ class Trainer:
             x, y = self.train_loader.next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss_sum += self.forward_backward_step(x, y, sync=micro == self.grad_accum - 1)
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = self._clip_grad_norm()
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
-        self.skipped_steps += int(skipped)
-        loss = all_reduce_mean(loss_sum).item()
+        loss = all_reduce_mean(loss_sum).item()  # checked before the optimizer step (as torchtitan does)
         if not math.isfinite(loss) and not self.scaler.is_enabled():
+            self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(
                 f"loss is {loss} at step {self.step + 1}; training stopped. Lower optimizer.lr, "
                 f"keep optimizer.grad_clip > 0, or use precision=bf16/fp32. "
                 f"The last checkpoint (if any) is in {self.output_dir / 'checkpoints'}."
             )
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = self._clip_grad_norm()
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)  # fp16: skipped when the gradients are not finite
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._count_skipped(self.scaler.is_enabled() and self.scaler.get_scale() < scale_before, loss)
         self.step += 1
         self.tokens_seen += self.cfg.total_batch_tokens
         return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/skipped_steps": float(self.skipped_steps)}
+
+    def _count_skipped(self, skipped: bool, loss: float) -> None:
+        """fp16: the GradScaler skips steps with non-finite gradients; too many in a row means the run
+        has diverged, not that the loss scale is still settling."""
+        self.skipped_steps += int(skipped)
+        self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+        limit = self.cfg.precision.max_skipped_steps
+        if limit > 0 and self.consecutive_skipped >= limit:
+            raise TrainingDiverged(
+                f"fp16: {self.consecutive_skipped} optimizer steps in a row were skipped for non-finite gradients "
+                f"(step {self.step + 1}, loss {loss}, loss scale {self.scaler.get_scale():g}), reaching "
+                f"precision.max_skipped_steps={limit}; training stopped. Lower optimizer.lr, keep "
+                f"optimizer.grad_clip > 0, or use precision=bf16/fp32. The last checkpoint (if any) is in "
+                f"{self.output_dir / 'checkpoints'}."
+            )
 
     def _clip_grad_norm(self) -> float:
         max_norm = self.cfg.optimizer.grad_clip if self.cfg.optimizer.grad_clip > 0 else math.inf
@@ -190,7 +206,8 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         self.raw_model.eval()
         with self.autocast():
-            out = generate(self.raw_model, idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
+            out = generate(self.raw_model, idx, self.cfg.sample_tokens, temperature=self.cfg.sample_temperature,
+                           top_k=self.cfg.sample_top_k,
                            generator=generator)
         self.raw_model.train()
         return self.tokenizer.decode(out[0].tolist())
@@ -203,6 +220,7 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "skipped_steps": self.skipped_steps,
+            "consecutive_skipped": self.consecutive_skipped,
             "best_val_loss": self.best_val_loss,
             "last_val_loss": self.last_val_loss,
             "wandb_run_id": self.wandb_run_id,
@@ -213,6 +231,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
         self.best_val_loss = float(state.get("best_val_loss", math.inf))
         self.last_val_loss = state.get("last_val_loss")
         self.wandb_run_id = state.get("wandb_run_id")

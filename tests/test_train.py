@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gpt2.config import TrainConfig
+from gpt2.device import DTYPES
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
@@ -103,14 +104,33 @@ def test_fsdp_two_ranks_trains_and_checkpoints(tmp_path: Path, base_overrides: l
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cpu(tmp_path: Path, base_overrides: list[str], precision: str) -> None:
-    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", f"precision={precision}",
-                         "checkpoint.save_final=false"])
-    final = train(cfg, tmp_path)
-    assert math.isfinite(final)
-    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
-    assert len(records) == 6
-    if precision == "fp16":
-        assert "train/skipped_steps" in records[-1]
+    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=4", "total_batch_tokens=256",
+                         f"precision={precision}"])  # accumulation 2; CPU fp16 is slow, keep the batch small
+    trainer = make_trainer(cfg, tmp_path)
+    seen: list[torch.dtype] = []
+    trainer.raw_model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    records = [trainer.train_step() for _ in range(3)]
+    assert len(seen) == 3 * trainer.grad_accum and set(seen) == {DTYPES[precision]}  # autocast ran in that dtype
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
+    assert all(math.isfinite(r["train/loss"]) for r in records)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    if precision == "fp16":  # every skipped step halved the scale (no growth within 2000 steps)
+        assert trainer.scaler.get_scale() == 65536.0 * 0.5 ** trainer.skipped_steps
+        assert records[-1]["train/skipped_steps"] == trainer.skipped_steps < 3
+
+
+def test_fp16_stops_after_max_skipped_steps(tmp_path: Path, base_overrides: list[str]) -> None:
+    from gpt2.trainer import TrainingDiverged
+
+    cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "total_batch_tokens=256",
+                         "precision=fp16", "optimizer.lr=1e30", "scheduler.warmup_steps=0",
+                         "precision.max_skipped_steps=3"])
+    trainer = make_trainer(cfg, tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"fp16: 3 optimizer steps in a row were skipped for non-finite "
+                                                r"gradients .* reaching precision\.max_skipped_steps=3"):
+        for _ in range(6):
+            trainer.train_step()
+    assert trainer.consecutive_skipped == 3 and trainer.step <= 4
 
 
 def test_wandb_offline_files_in_run_dir(tmp_path: Path, base_overrides: list[str], monkeypatch) -> None:
@@ -163,3 +183,21 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrid
     bad = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=7", "dry_run=true"], cwd=tmp_path,
                         check=False)
     assert bad.proc.returncode == 2 and bad.proc.stderr.startswith("error: total_batch_tokens=512 is not divisible")
+
+
+def test_eval_sample_uses_the_configured_temperature_and_top_k(tmp_path: Path, base_overrides: list[str],
+                                                               tiktoken_file: str) -> None:
+    from gpt2.generate import generate
+    from gpt2.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tiktoken_file)
+    texts = {}
+    for name, args in {"greedy": ["sample_temperature=0"], "top1": ["sample_temperature=5.0", "sample_top_k=1"],
+                       "default": []}.items():
+        cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "sample_tokens=12", *args])
+        trainer = make_trainer(cfg, tmp_path / name)
+        trainer.tokenizer = tok
+        texts[name] = trainer.sample()
+    idx = torch.tensor([tok.encode("ROMEO:")])
+    greedy = tok.decode(generate(trainer.raw_model, idx, 12, temperature=0.0)[0].tolist())
+    assert texts["greedy"] == texts["top1"] == greedy != texts["default"]
