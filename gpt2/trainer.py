@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from gpt2.autobatch import resolve_micro_batch_size
 from gpt2.checkpoint import CheckpointManager
 from gpt2.checkpoint_store import read_meta
 from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.data import PreparedData, prepare_data
+from gpt2.data import PreparationInterrupted
 from gpt2.device import autocast, grad_scaler, resolve_precision, set_tf32
 from gpt2.distributed import (
     DistInfo,
@@ -34,7 +35,7 @@ from gpt2.distributed import (
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
 from gpt2.generate import generate
-from gpt2.loader import TokenLoader
+from gpt2.loader import TokenLoader, prepare_on_main_rank
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer, lr_multiplier, set_lr
 from gpt2.plan import RunPlan, make_plan, resume_model
@@ -347,17 +348,18 @@ class Trainer:
 # ----------------------------------------------------------------------- build
 
 
-def build_data(cfg: TrainConfig, dist: DistInfo) -> tuple[TokenLoader, TokenLoader]:
-    """Prepare the corpus on rank 0 first (the others then hit the cache), then open loaders."""
-    prepared: PreparedData | None = None
-    if dist.is_main:
-        prepared = prepare_data(cfg.data)
-    barrier()
-    if prepared is None:
-        prepared = prepare_data(cfg.data)
+def build_data(cfg: TrainConfig, dist: DistInfo,
+               should_stop: Callable[[], bool] | None = None) -> tuple[TokenLoader, TokenLoader]:
+    """Prepare the corpus on rank 0 (the others wait, then hit the cache), then open loaders.
+    `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
+    try:
+        prepared = prepare_on_main_rank(cfg.data, dist.is_main, should_stop)
+    except PreparationInterrupted as e:
+        raise TrainingInterrupted(str(e)) from None
     common = dict(rank=dist.rank, world_size=dist.world_size)
-    train_loader = TokenLoader(prepared.train_path, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed, **common)
-    val_loader = TokenLoader(prepared.val_path, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
+    train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
+                               **common)
+    val_loader = TokenLoader(prepared.stream("val"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
                              shuffle=False, **common)
     return train_loader, val_loader
 
@@ -416,7 +418,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
             cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
                 cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), dist.device,
                 dist.world_size))
-        train_loader, val_loader = build_data(cfg, dist)
+        train_loader, val_loader = build_data(cfg, dist, lambda: preemption.requested)
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
         model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(dist.device)

@@ -28,7 +28,7 @@ def test_every_group_option_composes_and_validates(group: str) -> None:
     assert options, f"conf/{group} is empty"
     for option in options:
         overrides = [f"{group}={option}"]
-        if group == "data" and option in ("text", "hf"):
+        if group == "data" and option in ("text", "hf", "shards"):
             overrides.append("data.path=corpus.txt")
         cfg = compose_train(overrides)
         assert isinstance(cfg, C.TrainConfig)

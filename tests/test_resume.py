@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 from gpt2.checkpoint_store import find_latest, read_meta
 from gpt2.config import UserError
+from gpt2.data import prepare_data
+from gpt2.loader import TokenLoader
 from gpt2.preemption import PREEMPTED_EXIT_CODE
 from gpt2.runlog import read_metrics
 from gpt2.trainer import train
@@ -142,6 +144,31 @@ def test_saved_rng_state_does_not_depend_on_data_prep(tmp_path: Path, base_overr
     second = run_train_cli([*args, f"hydra.run.dir={tmp_path / 'second'}"], cwd=tmp_path)  # cached
     rngs = [saved_rng(r.run_dir / "checkpoints" / "step_00000002") for r in (first, second)]
     assert rngs[0]["python"] == rngs[1]["python"]
+
+
+def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overrides: list[str],
+                                                     small_corpus_dir: Path) -> None:
+    # A corpus of ~4k tokens in shards of 300: windows of the resumed steps straddle shard files.
+    data = ["data=text", f"data.path={small_corpus_dir}", "data.shard_tokens=300", f"data.cache_dir={tmp_path}"]
+    common = [*(o for o in base_overrides if not o.startswith("data")), *data, *SMALL, "max_steps=8",
+              "checkpoint.interval=4", "eval_interval=4"]
+    cfg = compose_train(common)
+    final_full = train(cfg, tmp_path / "full")
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000004"
+    final_resumed = train(compose_train([*common, f"resume={ckpt}"]), tmp_path / "resumed")
+    full, resumed = last_per_step(tmp_path / "full"), last_per_step(tmp_path / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    assert {s: full[s] for s in resumed} == resumed and final_resumed == final_full
+
+    prepared = prepare_data(cfg.data)
+    stream = prepared.stream("train")
+    assert len(stream.paths) >= 10
+    loader = TokenLoader(stream, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed)
+    per_step = cfg.micro_batch_size * 2  # accumulation 2
+    resumed_windows = loader._windows(0)[4 * per_step : 8 * per_step]
+    shard_of = [stream.locate(int(w) * cfg.block_size)[0] for w in resumed_windows]
+    last_of = [stream.locate(int(w) * cfg.block_size + cfg.block_size)[0] for w in resumed_windows]
+    assert shard_of != last_of  # at least one resumed window spans two shards
 
 
 @pytest.mark.slow
