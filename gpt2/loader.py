@@ -34,6 +34,8 @@ class TokenLoader:
     def __init__(self, stream: TokenStream, batch_size: int, block_size: int, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, shuffle: bool = True) -> None:
         self.stream = stream
+        self.tokens = stream
+        """The whole split as one sliceable token sequence (``tokens[a:b]``), e.g. for evaluation."""
         more = len(stream.paths) - 1
         self.path = stream.paths[0] + (f" (+{more} shards)" if more else "")
         n_tokens = len(stream)

@@ -14,6 +14,7 @@ from gpt2.distributed import DistInfo
 from gpt2.evals.val_loss import select_windows
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
+from gpt2.shards import write_shard
 from gpt2.trainer import Trainer
 
 from .helpers import compose_train
@@ -95,18 +96,19 @@ def easy_hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path, np.n
     rng = np.random.default_rng(0)
     val = np.concatenate([EASY[:3000], rng.integers(0, 50257, 3001)]).astype(np.uint16)
     path = tmp_path_factory.mktemp("val") / "val.bin"
-    val.tofile(path)
+    write_shard(path, val)
     return model, path, val
 
 
 def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -> Trainer:
     from gpt2.loader import TokenLoader
+    from gpt2.shards import TokenStream
 
     cfg: TrainConfig = compose_train(["model=tiny", "model.n_positions=64", "block_size=32", "micro_batch_size=4",
                                       "total_batch_tokens=128", "device=cpu", "precision=fp32", "logger=none",
                                       "sample_tokens=0", "progress_bar=false", *overrides])
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
-    loader = TokenLoader(val_path, cfg.micro_batch_size, cfg.block_size, shuffle=False)
+    loader = TokenLoader(TokenStream([val_path]), cfg.micro_batch_size, cfg.block_size, shuffle=False)
     return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), loader, loader, info, tmp_path)
 
 

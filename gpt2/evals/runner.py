@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import torch
 
 from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TrainConfig, UserError, from_dict
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
+from gpt2.shards import TokenStream
 
 
 def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
@@ -30,18 +30,11 @@ def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
     return from_dict(TrainConfig, saved)
 
 
-def open_val_split(data: DataConfig) -> np.ndarray:
-    """The prepared val split of `data` as a 1-D token array (prepared on rank 0 first)."""
-    from gpt2.data import prepare_data
-    from gpt2.distributed import barrier
+def open_val_split(data: DataConfig) -> TokenStream:
+    """The prepared val split of `data` as one token stream over its shards (prepared on rank 0 first)."""
+    from gpt2.loader import prepare_on_main_rank
 
-    prepared = None
-    if int(os.environ.get("RANK", "0")) == 0:
-        prepared = prepare_data(data)
-    barrier()
-    if prepared is None:
-        prepared = prepare_data(data)
-    return np.memmap(prepared.val_path, dtype=np.uint16, mode="r")
+    return prepare_on_main_rank(data, int(os.environ.get("RANK", "0")) == 0).stream("val")
 
 
 def run_val_loss(cfg: EvalRunConfig, train_cfg: TrainConfig | None, model: torch.nn.Module, device: torch.device,
