@@ -136,6 +136,7 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     precision = resolve_precision(cfg.precision.name, device)
     resume_from = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
     model = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
+    model = model.for_device(device.type)
     with torch.device("meta"):
         n_params = GPT(model).num_params()
     plan = make_plan(cfg, str(device), precision, world, model, resume_from)

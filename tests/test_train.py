@@ -169,7 +169,8 @@ def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overri
     meta = read_meta(tmp_path / "checkpoints" / "step_00000002")
     assert meta["config"]["precision"]["name"] == "auto"
     assert meta["plan"]["precision"] in ("bf16", "fp32") and meta["plan"]["grad_accum"] == 2
-    assert meta["plan"]["model"] == meta["config"]["model"]
+    assert meta["config"]["model"]["pad_vocab_multiple"] is None  # resolved in the plan: 1 on CPU (64 on CUDA)
+    assert meta["plan"]["model"] == {**meta["config"]["model"], "pad_vocab_multiple": 1}
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrides: list[str]) -> None:
