@@ -152,7 +152,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
-    """Train and val loss against step."""
+    """Train and val loss against step; a second panel with HellaSwag accuracy when it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,9 +161,11 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r and math.isfinite(r["train/loss"])]
     val = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
+    hs = [(r["step"], r["hellaswag/acc_norm"], r["hellaswag/acc"]) for r in records if "hellaswag/acc_norm" in r]
     if not train and not val:
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if hs else 1, figsize=(12 if hs else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if val:
@@ -172,6 +174,16 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if hs:
+        ax = axes[0, 1]
+        steps, acc_norm, acc = zip(*hs)
+        ax.plot(steps, acc_norm, "o-", label="acc_norm")
+        ax.plot(steps, acc, "s--", label="acc", alpha=0.7)
+        ax.axhline(0.25, color="gray", linestyle=":", label="chance")
+        ax.set_xlabel("step")
+        ax.set_ylabel("HellaSwag accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
