@@ -63,7 +63,7 @@ def test_split_shorter_than_one_window_is_a_clear_error() -> None:
 EASY = np.tile(np.arange(100, 116), 400)  # a 16-token cycle: predictable once learned
 
 
-def _learned_model(steps: int = 60) -> GPT:
+def _learned_model(steps: int = 40) -> GPT:
     """A tiny GPT trained on EASY (so EASY tokens are easy and random tokens hard)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_positions=64))
@@ -77,34 +77,38 @@ def _learned_model(steps: int = 60) -> GPT:
     return model.eval()
 
 
-def _reference_loss(model: GPT, tokens: np.ndarray, block: int) -> tuple[float, int]:
-    """Sum of the loss of every target token of `tokens` (non-overlapping windows, then the
-    remaining targets with the preceding context), independent of gpt2.evals."""
+def _token_nll(model: GPT, tokens: np.ndarray, block: int) -> np.ndarray:
+    """nll[i] = loss of predicting tokens[i + 1], every target once, independent of gpt2.evals: plain
+    non-overlapping windows, and for the last targets the window ending at the split's end."""
     t = torch.from_numpy(tokens.astype(np.int64))
-    total, count, pos = 0.0, 0, 1  # pos: next target to score
+    n_targets = len(t) - 1
+    starts = list(range(0, n_targets - block + 1, block))
+    if starts[-1] + block < n_targets:
+        starts.append(n_targets - block)
+    nll = np.full(n_targets, np.nan)
     with torch.no_grad():
-        while pos < len(t):
-            end = min(pos + block, len(t))
-            start = max(0, end - 1 - block)
-            logp = torch.log_softmax(model(t[start : end - 1][None]).logits[0].double(), dim=-1)
-            tgt = t[start + 1 : end]
-            nll = -logp[torch.arange(len(tgt)), tgt]
-            new = end - pos
-            total += float(nll[-new:].sum())
-            count += new
-            pos = end
-    return total, count
+        for chunk in range(0, len(starts), 16):
+            s = starts[chunk : chunk + 16]
+            x = torch.stack([t[a : a + block] for a in s])  # (B, block)
+            y = torch.stack([t[a + 1 : a + block + 1] for a in s])
+            logp = torch.log_softmax(model(x).logits.double(), dim=-1)  # (B, block, V)
+            losses = -logp.gather(-1, y[..., None])[..., 0].numpy()
+            for a, row in zip(s, losses):
+                nll[a : a + block] = row
+    assert not np.isnan(nll).any()
+    return nll
 
 
 @pytest.fixture(scope="module")
 def easy_hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path, np.ndarray]:
-    """A learned model and a val file whose first half is easy and second half hard."""
+    """A learned model, a val file whose first half is easy and second half hard, and the
+    reference loss of every target token."""
     model = _learned_model()
     rng = np.random.default_rng(0)
-    val = np.concatenate([EASY[:3000], rng.integers(0, 50257, 3001)]).astype(np.uint16)
+    val = np.concatenate([EASY[:2000], rng.integers(0, 50257, 2001)]).astype(np.uint16)
     path = tmp_path_factory.mktemp("val") / "val.bin"
     write_shard(path, val)
-    return model, path, val
+    return model, path, _token_nll(model, val, 32)
 
 
 def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -> Trainer:
@@ -120,33 +124,27 @@ def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -
 
 
 def test_logged_val_loss_is_the_whole_split_when_small(easy_hard, tmp_path: Path) -> None:
-    model, path, val = easy_hard
-    half = len(val) // 2
-    easy = _reference_loss(model, val[: half + 1], 32)
-    hard = _reference_loss(model, val[half:], 32)
-    easy_loss, hard_loss = easy[0] / easy[1], hard[0] / hard[1]
-    assert easy_loss < 1.0 and hard_loss > 8.0, (easy_loss, hard_loss)
-    full_sum, full_count = _reference_loss(model, val, 32)
-    trainer = _trainer(tmp_path, path, model, [])  # defaults: eval.val_tokens=1M > 6001 tokens
+    model, path, nll = easy_hard
+    half = len(nll) // 2
+    easy_loss, hard_loss = nll[:half].mean(), nll[half:].mean()
+    assert easy_loss < 2.0 and hard_loss > 8.0, (easy_loss, hard_loss)
+    trainer = _trainer(tmp_path, path, model, [])  # defaults: eval.val_tokens=1M > 4001 tokens
     metrics = trainer.evaluate()
-    assert metrics["val/tokens"] == full_count == len(val) - 1
-    assert metrics["val/loss"] == pytest.approx(full_sum / full_count, rel=1e-5)  # fp32 vs fp64 reference
+    assert metrics["val/tokens"] == len(nll)  # every token but the first
+    assert metrics["val/loss"] == pytest.approx(nll.mean(), rel=1e-5)  # fp32 vs an fp64 reference
     assert easy_loss < metrics["val/loss"] < hard_loss
     # the old estimate (a prefix of the split) would have reported the easy half only
     assert metrics["val/loss"] > 3 * easy_loss
 
 
 def test_logged_val_loss_samples_a_large_split_the_same_way_each_time(easy_hard, tmp_path: Path) -> None:
-    model, path, val = easy_hard
-    trainer = _trainer(tmp_path, path, model, ["eval.val_tokens=1600"])  # 50 of 187 windows
+    model, path, nll = easy_hard
+    trainer = _trainer(tmp_path, path, model, ["eval.val_tokens=1600"])  # 50 of 125 windows
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first == second and first["val/tokens"] == 1600
-    half = len(val) // 2
-    easy = _reference_loss(model, val[: half + 1], 32)
-    hard = _reference_loss(model, val[half:], 32)
-    assert easy[0] / easy[1] < first["val/loss"] < hard[0] / hard[1]
-    full = _reference_loss(model, val, 32)
-    assert first["val/loss"] == pytest.approx(full[0] / full[1], rel=0.25)  # an estimate of the whole split
+    half = len(nll) // 2
+    assert nll[:half].mean() < first["val/loss"] < nll[half:].mean()
+    assert first["val/loss"] == pytest.approx(nll.mean(), rel=0.25)  # an estimate of the whole split
 
 
 # ------------------------------------------------------------------ HellaSwag
