@@ -25,14 +25,10 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import signal
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +36,17 @@ from typing import Any
 import numpy as np
 
 from gpt2.config import DataConfig, UserError
-from gpt2.shards import MANIFEST, Split, TokenStream, expand_shard_paths, manifest_split, read_manifest, token_dtype
+from gpt2.encoding import BATCH_CHARS, encoded, tasks
+from gpt2.shards import (
+    MANIFEST,
+    ShardWriter,
+    Split,
+    TokenStream,
+    expand_shard_paths,
+    manifest_split,
+    read_manifest,
+    token_dtype,
+)
 from gpt2.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
 from gpt2.tokenizer import Tokenizer, get_tokenizer
 
@@ -48,12 +54,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 """Bump when the prepared layout or document handling changes (invalidates old caches). 2: shards."""
-BATCH_CHARS = 1 << 18
-"""Characters per task sent to an encoding worker."""
 CHECKPOINT_S = 30.0
 """Save the preparation state at least this often (and after every finished shard)."""
-POOL_EXIT_S = 30.0
-"""How long to wait for tokenizer workers to exit before killing and reporting them."""
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -83,172 +85,7 @@ class PreparedData:
         return {"train": self.train, "val": self.val}[split].stream()
 
 
-# -------------------------------------------------------------------------- encoding
-
-
-def _tasks(source: Source, skip_docs: int = 0) -> Iterator[tuple[list[str], list[bool]]]:
-    """Pieces grouped into tasks of about BATCH_CHARS; ends[i] marks a document's last piece."""
-    texts: list[str] = []
-    ends: list[bool] = []
-    size = 0
-    for i, doc in enumerate(source.docs()):
-        if i < skip_docs:
-            continue  # already in the shards of an interrupted run
-        prev: str | None = None
-        for piece in doc:  # look one piece ahead to know which is the document's last
-            if prev is not None:
-                texts.append(prev)
-                ends.append(False)
-                size += len(prev)
-                if size >= BATCH_CHARS:
-                    yield texts, ends
-                    texts, ends, size = [], [], 0
-            prev = piece
-        texts.append(prev or "")
-        ends.append(True)
-        size += len(prev or "")
-        if size >= BATCH_CHARS:
-            yield texts, ends
-            texts, ends, size = [], [], 0
-    if texts:
-        yield texts, ends
-
-
-_WORKER: tuple[Tokenizer, str] | None = None
-
-
-def _init_worker(tok: Tokenizer, dtype: str) -> None:
-    """Pool initializer: default signal handling (a trainer's preemption handler must not be
-    inherited, or SIGTERM from Pool.terminate would be swallowed and the pool never exit)."""
-    global _WORKER
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
-    _WORKER = (tok, dtype)
-
-
-def _encode_task(texts: list[str]) -> list[np.ndarray]:
-    assert _WORKER is not None
-    tok, dtype = _WORKER
-    return [np.asarray(tok.encode(t), dtype=dtype) for t in texts]
-
-
-def _shutdown(pool: Any, graceful: bool) -> None:
-    """close+join (or terminate) the pool, but never wait forever: report and kill stuck workers."""
-    done = threading.Thread(target=(lambda: (pool.close(), pool.join())) if graceful else pool.terminate,
-                            daemon=True)
-    done.start()
-    done.join(POOL_EXIT_S)
-    if done.is_alive():
-        stuck = [p.pid for p in getattr(pool, "_pool", []) if p.is_alive()]
-        log.error("tokenizer worker process(es) %s did not exit within %.0fs; killing them", stuck, POOL_EXIT_S)
-        for pid in stuck:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        done.join(5)
-
-
-def _encoded(tasks: Iterator[tuple[list[str], list[bool]]], tok: Tokenizer, dtype: str,
-             num_proc: int) -> Iterator[tuple[list[np.ndarray], list[bool]]]:
-    """Encoded tasks in order; a pool of `num_proc` processes with a bounded queue (flat memory)."""
-    if num_proc <= 1:
-        for texts, ends in tasks:
-            yield [np.asarray(tok.encode(t), dtype=dtype) for t in texts], ends
-        return
-    # fork: workers only run the tokenizer and numpy (no torch, no CUDA), and unlike spawn it works
-    # from scripts without an `if __name__ == "__main__":` guard.
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=(tok, dtype))
-    finished = False
-    try:
-        pending: deque = deque()
-        for texts, ends in tasks:
-            pending.append((pool.apply_async(_encode_task, (texts,)), ends))
-            if len(pending) >= 2 * num_proc:
-                result, e = pending.popleft()
-                yield result.get(), e
-        while pending:
-            result, e = pending.popleft()
-            yield result.get(), e
-        finished = True
-    finally:
-        _shutdown(pool, graceful=finished)
-
-
 # --------------------------------------------------------------------------- writing
-
-
-class _SplitWriter:
-    """Appends tokens to ``<name>_NNNNNN.bin`` shards of `shard_tokens`; resumable from its state."""
-
-    def __init__(self, folder: Path, name: str, dtype: str, shard_tokens: int, state: dict[str, Any]) -> None:
-        from gpt2.shards import HEADER_BYTES
-
-        self.folder, self.name, self.dtype, self.shard_tokens = folder, name, dtype, shard_tokens
-        self.itemsize = np.dtype(dtype).itemsize
-        self.shards: list[dict[str, Any]] = list(state.get("shards", []))
-        self.current = int(state.get("current_tokens", 0))
-        self.n_tokens = sum(s["n_tokens"] for s in self.shards) + self.current
-        self.header_bytes = HEADER_BYTES
-        self.f: Any = None
-        for stale in folder.glob(f"{name}_*.bin"):  # written after the last saved state: redone
-            if int(stale.stem.rsplit("_", 1)[1]) > len(self.shards) or (self.current == 0 and
-                                                                         stale.name == self._file()):
-                stale.unlink()
-        if self.current:
-            self.f = open(folder / self._file(), "r+b")
-            self.f.truncate(HEADER_BYTES + self.current * self.itemsize)
-            self.f.seek(0, os.SEEK_END)
-
-    def _file(self) -> str:
-        return f"{self.name}_{len(self.shards):06d}.bin"
-
-    def add(self, tokens: np.ndarray) -> None:
-        from gpt2.shards import shard_header
-
-        while len(tokens):
-            if self.f is None:
-                self.f = open(self.folder / self._file(), "wb")
-                self.f.write(shard_header(0, self.dtype))
-            n = min(len(tokens), self.shard_tokens - self.current)
-            self.f.write(tokens[:n].tobytes())
-            self.current += n
-            self.n_tokens += n
-            tokens = tokens[n:]
-            if self.current == self.shard_tokens:
-                self.finish_shard()
-
-    def finish_shard(self) -> None:
-        """Write the header's token count, sync, and record the shard with its sha256."""
-        from gpt2.shards import shard_header
-
-        if self.f is None:
-            return
-        self.f.seek(0)
-        self.f.write(shard_header(self.current, self.dtype))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        self.f = None
-        h = hashlib.sha256()
-        with open(self.folder / self._file(), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        self.shards.append({"file": self._file(), "n_tokens": self.current, "sha256": h.hexdigest()})
-        log.info("finished shard %s (%d tokens)", self.shards[-1]["file"], self.current)
-        self.current = 0
-
-    def sync(self) -> dict[str, Any]:
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-        return {"shards": self.shards, "current_tokens": self.current}
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -286,7 +123,7 @@ def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: P
     if state and state.get("key") != key:
         raise UserError(f"{state_path} belongs to another preparation; delete {work} and rerun.")
     docs_done, n_val_docs = int(state.get("docs_done", 0)), int(state.get("n_val_docs", 0))
-    writers = {name: _SplitWriter(work, name, dtype, cfg.shard_tokens, state.get(name, {}))
+    writers = {name: ShardWriter(work, name, dtype, cfg.shard_tokens, state.get(name, {}))
                for name in ("train", "val")}
     cap = cfg.max_tokens
     total = writers["train"].n_tokens + writers["val"].n_tokens
@@ -310,7 +147,7 @@ def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: P
     try:
         with _progress() as bar:
             task = bar.add_task("tokenize", total=source.n_docs, completed=docs_done, info="")
-            for arrays, ends in ([] if full else _encoded(_tasks(source, docs_done), tok, dtype, num_proc)):
+            for arrays, ends in ([] if full else encoded(tasks(source, docs_done), tok, dtype, num_proc)):
                 for arr, end in zip(arrays, ends):
                     if target is None:
                         val_low = writers["val"].n_tokens < cfg.val_fraction * total

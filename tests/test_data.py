@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import data as D
+from gpt2 import encoding as E
 from gpt2 import sources as S
 from gpt2.config import DataConfig, UserError
 from gpt2.data import PreparedData, prepare_data
@@ -78,7 +78,7 @@ def test_round_trip_token_split_and_long_document(tmp_path: Path, tiktoken_file:
 
 def test_pool_gives_same_files_as_one_process(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(D, "BATCH_CHARS", 2000)  # several tasks, so two workers really run
+    monkeypatch.setattr(E, "BATCH_CHARS", 2000)  # several tasks, so two workers really run
     one = prepare_data(text_cfg(small_corpus_dir, tmp_path / "a", tiktoken_file))
     two = prepare_data(text_cfg(small_corpus_dir, tmp_path / "b", tiktoken_file, num_proc=2))
     assert one.meta["key"] == two.meta["key"]
@@ -283,10 +283,10 @@ def test_loader_too_small(tmp_path: Path, counting_file: TokenStream) -> None:
 def test_long_document_is_streamed_in_bounded_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Peak memory stays flat: a long document reaches the workers in small tasks, not whole.
     monkeypatch.setattr(S, "PIECE_CHARS", 100)
-    monkeypatch.setattr(D, "BATCH_CHARS", 300)
+    monkeypatch.setattr(E, "BATCH_CHARS", 300)
     text = "".join(f"word{i} and more\n" for i in range(2000))
     (tmp_path / "long.txt").write_text(text)
-    tasks = list(D._tasks(S._file_source([tmp_path / "long.txt"], "long")))
+    tasks = list(E.tasks(S._file_source([tmp_path / "long.txt"], "long")))
     assert len(tasks) > 50
     assert max(sum(map(len, texts)) for texts, _ in tasks) < 300 + 2 * 100
     assert "".join(t for texts, _ in tasks for t in texts) == text

@@ -1,0 +1,57 @@
+"""Tokenize a corpus into token shards before training: `python run_prepare.py data=... [data.*=...]`.
+
+Takes the same config (conf/train.yaml, the same `data=` and `experiment=` overrides) as
+run_train.py, which would prepare the same shards itself when they are missing; running this
+first lets a long preparation (e.g. `experiment=gpt2_124m_fineweb`) happen once, on a CPU node,
+resumably (kill it and rerun: it continues at the last saved document). Writes nothing but the
+cache (no run directory). Prints the prepared folder and its token counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from gpt2 import config as C
+from run_train import register_configs
+
+CONF = Path(__file__).resolve().parent / "conf"
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(overrides: list[str]) -> None:
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="prepare"):
+            dcfg = compose(config_name="train", overrides=overrides)
+        cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        cfg.data.check()
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
+    except (C.UserError, ValueError, OmegaConfBaseException) as err:
+        fail(str(err).strip().splitlines()[0] if "\n" in str(err).strip() else str(err))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from gpt2.data import prepare_data
+
+    try:
+        prepared = prepare_data(cfg.data)
+    except C.UserError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume the preparation", file=sys.stderr)
+        sys.exit(130)
+    print(f"prepared {prepared.folder}: {prepared.n_train_tokens:,} train + {prepared.n_val_tokens:,} val tokens "
+          f"in {len(prepared.train.paths)} train shard(s)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
