@@ -42,6 +42,7 @@ from gpt2.shards import (
     ShardWriter,
     Split,
     TokenStream,
+    check_vocab,
     expand_shard_paths,
     manifest_split,
     read_manifest,
@@ -233,9 +234,11 @@ def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str)
 def _external_shards(cfg: DataConfig) -> PreparedData:
     """data=shards: llm.c .bin or build-nanogpt .npy shards used as they are."""
     train = expand_shard_paths(str(cfg.path))
+    check_vocab(TokenStream(train), get_tokenizer(cfg.tokenizer_path, cfg.cache_dir).n_vocab)
     val_pattern = cfg.val_path
-    if val_pattern is None and "train" in str(cfg.path):
-        twin = str(cfg.path).replace("train", "val")
+    head, tail = os.path.split(str(cfg.path))
+    if val_pattern is None and "train" in tail:
+        twin = os.path.join(head, tail.replace("train", "val"))
         val_pattern = twin if any(os.path.isfile(f) for f in glob.glob(os.path.expanduser(twin))) else None
     meta = {"data_name": "shards", "source": cfg.path}
     if val_pattern is not None:

@@ -113,6 +113,14 @@ def expand_shard_paths(pattern: str) -> list[str]:
     return files
 
 
+def check_vocab(stream: TokenStream, n_vocab: int) -> None:
+    """UserError when ids of a vocabulary of n_vocab cannot be stored in the stream's token type."""
+    if np.iinfo(stream.dtype).max < n_vocab - 1:
+        raise UserError(f"the tokenizer has n_vocab={n_vocab} but {stream.paths[0]} stores {stream.dtype} tokens "
+                        f"(ids up to {np.iinfo(stream.dtype).max}); use shards written with uint32 tokens "
+                        f"(run_prepare.py picks them for this tokenizer) or a tokenizer that fits.")
+
+
 class TokenStream:
     """The tokens ``[start, stop)`` of several shards read as one array: ``len(s)``, ``s[a:b]``.
 

@@ -199,7 +199,7 @@ def _hf_source(cfg: DataConfig, cache_dir: Path) -> Source:
     if columns is not None and cfg.text_field not in columns:
         raise UserError(f"data.text_field={cfg.text_field!r} is not a column of {cfg.path}; choose one of {columns}.")
     if data_files:
-        ident: Any = [_hash_and_check_file(Path(f)) for f in data_files]
+        ident: Any = [sha256_file(f) for f in data_files]  # binary formats too: no UTF-8 check
     else:  # a hub dataset: its name, config and split identify it (a map-style one also has a fingerprint)
         ident = getattr(ds, "_fingerprint", None)
     key = {"path": cfg.path, "config": cfg.hf_config, "split": cfg.hf_split, "field": cfg.text_field, "data": ident}

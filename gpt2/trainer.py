@@ -355,6 +355,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo,
     try:
         prepared = prepare_on_main_rank(cfg.data, dist.is_main, should_stop)
     except PreparationInterrupted as e:
+        log.warning("%s", e)
         raise TrainingInterrupted(str(e)) from None
     common = dict(rank=dist.rank, world_size=dist.world_size)
     train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,

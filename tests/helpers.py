@@ -64,14 +64,15 @@ def run_train_cli(overrides: list[str], cwd: Path, timeout: float = 300, check: 
 
 
 def run_torchrun(overrides: list[str], cwd: Path, nproc: int = 2, delay_rank1_s: float = 0.0,
-                 timeout: float = 300) -> RunResult:
+                 timeout: float = 300, script: str = "delayed_start.py",
+                 env: dict[str, str] | None = None) -> RunResult:
     """`torchrun --standalone --nproc_per_node=N run_train.py ...`; optionally rank 1 starts late."""
     cwd.mkdir(parents=True, exist_ok=True)
     torchrun = Path(sys.executable).with_name("torchrun")
-    script = REPO / "tests" / "delayed_start.py"
-    env = subprocess_env(GPT2_TEST_DELAY_RANK1=str(delay_rank1_s))
+    path = REPO / "tests" / script
+    env = subprocess_env(GPT2_TEST_DELAY_RANK1=str(delay_rank1_s), **(env or {}))
     t0 = time.time()
-    proc = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(script), *overrides],
+    proc = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(path), *overrides],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     if proc.returncode != 0:
