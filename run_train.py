@@ -2,7 +2,7 @@
 
 This file is the only place (with run_generate.py) that imports Hydra. It registers
 the dataclass schemas, agrees on one run directory across torchrun ranks, converts the
-composed config to a typed `TrainConfig`, validates it, and calls `gpt2.trainer.train`.
+composed config to a typed `TrainConfig`, validates it, and calls `gpt2.train.train`.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(dcfg: DictConfig) -> float:
-    from gpt2.trainer import TrainingInterrupted, train
+    from gpt2.train import train
+    from gpt2.trainer import TrainingInterrupted
 
     try:
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]

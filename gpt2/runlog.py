@@ -43,6 +43,31 @@ def detect_peak_flops(device_name: str | None) -> float | None:
     return None
 
 
+class Throughput:
+    """Training time between log lines (evals and saves excluded): tokens/s, MFU and ETA."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_token * tokens_per_step
+        self.peak_flops = peak_flops  # of all ranks together
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+        self.steps += 1
+
+    def flush(self) -> tuple[dict[str, float], float]:
+        """perf/tokens_per_s (+ perf/mfu with a known peak) since the last flush, and the seconds per
+        step (for an ETA); then start over."""
+        dt = max(self.seconds, 1e-9)
+        out = {"perf/tokens_per_s": self.steps * self.tokens_per_step / dt}
+        if self.peak_flops:
+            out["perf/mfu"] = self.flops_per_step * self.steps / dt / self.peak_flops
+        per_step = dt / max(self.steps, 1)
+        self.seconds, self.steps = 0.0, 0
+        return out, per_step
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -87,6 +112,24 @@ class RunLogger:
         )
         log.info("W&B run %s (%s) in %s", run.id, mode, self.output_dir / "wandb")
         return run
+
+    def log_train(self, step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> None:
+        """One training record with its console line (loss, lr, grad norm, tok/s, MFU, ETA)."""
+        mfu = f" mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+        self.log(step, metrics, f"step {step}/{max_steps} loss {metrics['train/loss']:.4f} "
+                                f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
+                                f"{metrics['perf/tokens_per_s']:,.0f} tok/s{mfu} eta {format_duration(eta_s)}")
+
+    def log_eval(self, step: int, metrics: dict[str, float], sample: str | None) -> None:
+        """One evaluation record (val loss, HellaSwag when present) with its console line, and the sample."""
+        line = (f"step {step}: val loss {metrics['val/loss']:.4f} (ppl {metrics['val/perplexity']:.1f}, "
+                f"{int(metrics['val/tokens']):,} tokens)")
+        if "hellaswag/acc_norm" in metrics:
+            line += (f" hellaswag acc_norm {metrics['hellaswag/acc_norm']:.4f} acc {metrics['hellaswag/acc']:.4f} "
+                     f"({int(metrics['hellaswag/items']):,} items)")
+        self.log(step, metrics, line)
+        if sample is not None:
+            self.log_text(step, "sample", sample)
 
     def log(self, step: int, metrics: dict[str, float], console: str | None = None) -> None:
         """Append one record to metrics.jsonl (flushed), send it to W&B, print `console`."""

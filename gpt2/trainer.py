@@ -1,48 +1,38 @@
-"""The training loop: a Trainer made of named steps, and `train(cfg, output_dir)` that builds
-model, data, optimizer and logger from a validated `TrainConfig` and runs it."""
+"""The training loop: a Trainer made of named steps (train_step, forward_backward_step, evaluate,
+state_dict/load_state_dict, fit). Model, data, optimizer and logger come in ready-made; gpt2.train
+builds them from a validated `TrainConfig`."""
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from gpt2.autobatch import resolve_micro_batch_size
 from gpt2.checkpoint import CheckpointManager
-from gpt2.checkpoint_store import read_meta
-from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.data import PreparationInterrupted
-from gpt2.device import autocast, grad_scaler, resolve_precision, set_tf32
+from gpt2.config import TrainConfig, UserError, to_dict
+from gpt2.device import autocast, grad_scaler, resolve_precision
 from gpt2.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
-    barrier,
-    cleanup,
-    init_distributed,
     unwrap_model,
-    wrap_model,
 )
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
 from gpt2.generate import generate
-from gpt2.loader import TokenLoader, prepare_on_main_rank
-from gpt2.model import GPT
-from gpt2.optim import build_optimizer, lr_multiplier, set_lr
-from gpt2.plan import RunPlan, make_plan, resume_model
+from gpt2.loader import TokenLoader
+from gpt2.optim import lr_multiplier, set_lr
+from gpt2.plan import RunPlan, make_plan
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from gpt2.rng import capture_rng_state, restore_rng_state, seed_everything
-from gpt2.runlog import ProgressBar, RunLogger, detect_peak_flops, format_duration
-from gpt2.tokenizer import Tokenizer, get_tokenizer
+from gpt2.rng import capture_rng_state, restore_rng_state
+from gpt2.runlog import ProgressBar, RunLogger, Throughput, detect_peak_flops
+from gpt2.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2")
 
@@ -277,14 +267,7 @@ class Trainer:
         self.best_val_loss = min(self.best_val_loss, self.last_val_loss)
         text = self.sample()
         if self.logger is not None:
-            line = (f"step {self.step}: val loss {metrics['val/loss']:.4f} (ppl {metrics['val/perplexity']:.1f}, "
-                    f"{int(metrics['val/tokens']):,} tokens)")
-            if "hellaswag/acc_norm" in metrics:
-                line += (f" hellaswag acc_norm {metrics['hellaswag/acc_norm']:.4f} acc {metrics['hellaswag/acc']:.4f} "
-                         f"({int(metrics['hellaswag/items']):,} items)")
-            self.logger.log(self.step, metrics, line)
-            if text is not None:
-                self.logger.log_text(self.step, "sample", text)
+            self.logger.log_eval(self.step, metrics, text)
         return metrics
 
     def _eval_due(self) -> bool:
@@ -296,11 +279,11 @@ class Trainer:
     def fit(self) -> float:
         """Train to `max_steps`, evaluating and checkpointing on schedule; returns the final val loss."""
         cfg = self.cfg
-        flops_per_step = self.raw_model.flops_per_token(cfg.block_size) * cfg.total_batch_tokens
         peak = cfg.peak_flops or detect_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
+        meter = Throughput(cfg.total_batch_tokens, self.raw_model.flops_per_token(cfg.block_size),
+                           peak * self.dist.world_size if peak else None)
         progress = ProgressBar(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
-        train_time, steps_since = 0.0, 0  # since the last log line; evals and saves are not counted
         self.model.train()
         if self.step == 0 and (cfg.eval_interval > 0 or cfg.eval.hellaswag_interval > 0):
             self._run_eval()  # the baseline every later evaluation is compared against
@@ -310,24 +293,14 @@ class Trainer:
                     self._stop_for_preemption()
                 t0 = time.perf_counter()
                 metrics = self.train_step()  # ends with .item(): the device is synchronized
-                train_time += time.perf_counter() - t0
-                steps_since += 1
+                meter.add(time.perf_counter() - t0)  # training time only: evals and saves are not counted
                 progress.update(self.step, metrics["train/loss"])
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    dt = train_time
-                    tok_s = steps_since * cfg.total_batch_tokens / dt
-                    metrics["perf/tokens_per_s"] = tok_s
-                    if peak:
-                        metrics["perf/mfu"] = flops_per_step * steps_since / dt / (peak * self.dist.world_size)
-                    metrics["train/tokens_seen"] = float(self.tokens_seen)
-                    eta = (cfg.max_steps - self.step) * dt / steps_since
+                    perf, seconds_per_step = meter.flush()
+                    metrics.update(perf, **{"train/tokens_seen": float(self.tokens_seen)})
                     if self.logger is not None:
-                        mfu = f" mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
-                        self.logger.log(self.step, metrics,
-                                        f"step {self.step}/{cfg.max_steps} loss {metrics['train/loss']:.4f} "
-                                        f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
-                                        f"{tok_s:,.0f} tok/s{mfu} eta {format_duration(eta)}")
-                    train_time, steps_since = 0.0, 0
+                        self.logger.log_train(self.step, cfg.max_steps, metrics,
+                                              eta_s=(cfg.max_steps - self.step) * seconds_per_step)
                 if self._eval_due():
                     self._run_eval()
                 if self.checkpoints.should_save(self.step, cfg.max_steps):
@@ -343,109 +316,3 @@ class Trainer:
         message = f"preempted at step {self.step}; checkpoint saved, resume with resume=auto"
         log.warning("%s (exit code %d)", message, PREEMPTED_EXIT_CODE)  # the entry point exits silently
         raise TrainingInterrupted(message)
-
-
-# ----------------------------------------------------------------------- build
-
-
-def build_data(cfg: TrainConfig, dist: DistInfo,
-               should_stop: Callable[[], bool] | None = None) -> tuple[TokenLoader, TokenLoader]:
-    """Prepare the corpus on rank 0 (the others wait, then hit the cache), then open loaders.
-    `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
-    try:
-        prepared = prepare_on_main_rank(cfg.data, dist.is_main, should_stop)
-    except PreparationInterrupted as e:
-        log.warning("%s", e)
-        raise TrainingInterrupted(str(e)) from None
-    common = dict(rank=dist.rank, world_size=dist.world_size)
-    train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
-                               **common)
-    val_loader = TokenLoader(prepared.stream("val"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
-                             shuffle=False, **common)
-    return train_loader, val_loader
-
-
-def build_hellaswag(cfg: TrainConfig, dist: DistInfo, tokenizer: Tokenizer,
-                    model_positions: int) -> list[hellaswag.Rendered] | None:
-    """HellaSwag items rendered once for evaluation during training (None when eval.hellaswag_interval
-    is 0); rank 0 downloads the file first when it is not cached."""
-    if cfg.eval.hellaswag_interval == 0:
-        return None
-    path = None
-    if dist.is_main:
-        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
-    barrier()
-    if path is None:
-        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
-    items = hellaswag.load_items(path, cfg.eval.hellaswag_limit)
-    return hellaswag.render(items, tokenizer.encode_batch, model_positions)
-
-
-def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.Module:
-    """Random GPT-2 init of `model_cfg`, or Hugging Face weights when `init.pretrained` is set and no
-    checkpoint is being resumed (a checkpoint always wins)."""
-    if cfg.init.pretrained and not resuming:
-        from gpt2.pretrained import load_pretrained
-
-        model = load_pretrained(cfg.init.pretrained, dropout=model_cfg.dropout,
-                                pad_vocab_multiple=model_cfg.pad_vocab_multiple)
-        if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
-            log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
-                        cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
-        return model
-    if cfg.init.pretrained:
-        log.info("resuming from a checkpoint: init.pretrained=%s is not loaded", cfg.init.pretrained)
-    return GPT(model_cfg)
-
-
-def train(cfg: TrainConfig, output_dir: str | Path) -> float:
-    """Build everything from `cfg`, train, and return the final validation loss."""
-    from gpt2.slurm import init_slurm_env
-
-    output_dir = Path(output_dir)
-    init_slurm_env()
-    dist = init_distributed(cfg.distributed, cfg.device)
-    preemption = PreemptionHandler()
-    preemption.install()
-    logger: RunLogger | None = None
-    try:
-        set_tf32(dist.device, cfg.precision.tf32)
-        precision = resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
-        resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
-        model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
-        model_cfg = model_cfg.for_device(dist.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
-        tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
-        if cfg.micro_batch_size == "auto":  # a copy with the number: the user's config is not written to
-            cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
-                cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), dist.device,
-                dist.world_size))
-        train_loader, val_loader = build_data(cfg, dist, lambda: preemption.requested)
-        seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
-        # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
-        model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(dist.device)
-        plan = make_plan(cfg, str(dist.device), precision, dist.world_size, model.cfg, resume_from)
-        model = wrap_model(model, cfg.distributed, dist)
-        if cfg.compile:
-            model = torch.compile(model)
-        optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
-        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, unwrap_model(model).cfg.n_positions)
-        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
-                          hellaswag_items=hellaswag_items, plan=plan)
-        if resume_from is not None:
-            trainer.load_checkpoint(resume_from)
-        if dist.is_main:
-            logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
-            trainer.logger = logger
-            trainer.wandb_run_id = logger.wandb_run_id
-            log.info("%s; run dir %s", plan.describe(trainer.raw_model.num_params()), output_dir)
-        return trainer.fit()
-    finally:
-        if logger is not None:
-            logger.finish()
-        preemption.uninstall()
-        # Free the DDP/FSDP model (and its pending gloo/nccl work) while the interpreter is fully
-        # alive: collected during interpreter shutdown instead, it can abort the process (SIGABRT).
-        trainer = model = optimizer = None
-        gc.collect()
-        cleanup()
-

@@ -274,7 +274,7 @@ def predictable_items(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def hellaswag_run(tmp_path_factory: pytest.TempPathFactory, gpt2_cache: Path, tiktoken_file: str) -> dict:
     """A tiny model trained on the word cycle, with HellaSwag on predictable items during training."""
-    from gpt2.trainer import train
+    from gpt2.train import train
 
     root = tmp_path_factory.mktemp("hs_run")
     corpus = root / "corpus"

@@ -29,7 +29,7 @@ from gpt2.data import prepare_data
 from gpt2.loader import TokenLoader
 from gpt2.preemption import PREEMPTED_EXIT_CODE
 from gpt2.runlog import read_metrics
-from gpt2.trainer import train
+from gpt2.train import train
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 

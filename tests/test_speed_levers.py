@@ -20,7 +20,8 @@ from gpt2.generate import generate
 from gpt2.model import GPT, model_from_state_dict
 from gpt2.optim import build_optimizer
 from gpt2.pretrained import gpt_to_hf
-from gpt2.trainer import Trainer, build_data, train
+from gpt2.train import build_data, train
+from gpt2.trainer import Trainer
 
 from .helpers import compose_train, run_train_cli
 

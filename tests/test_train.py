@@ -16,7 +16,8 @@ from gpt2.distributed import DistInfo
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
 from gpt2.runlog import read_metrics
-from gpt2.trainer import Trainer, build_data, train
+from gpt2.train import build_data, train
+from gpt2.trainer import Trainer
 
 from .helpers import compose_train, run_torchrun, run_train_cli
 

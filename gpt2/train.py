@@ -1,0 +1,136 @@
+"""`train(cfg, output_dir)`: build the run plan, data, model, optimizer and logger from a validated
+`TrainConfig` and run a `Trainer`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gpt2.autobatch import resolve_micro_batch_size
+from gpt2.checkpoint import CheckpointManager
+from gpt2.checkpoint_store import read_meta
+from gpt2.config import ModelConfig, TrainConfig
+from gpt2.data import PreparationInterrupted
+from gpt2.device import resolve_precision, set_tf32
+from gpt2.distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model, wrap_model
+from gpt2.evals import hellaswag
+from gpt2.loader import TokenLoader, prepare_on_main_rank
+from gpt2.model import GPT
+from gpt2.optim import build_optimizer
+from gpt2.plan import make_plan, resume_model
+from gpt2.preemption import PreemptionHandler
+from gpt2.rng import seed_everything
+from gpt2.runlog import RunLogger
+from gpt2.tokenizer import Tokenizer, get_tokenizer
+from gpt2.trainer import Trainer, TrainingInterrupted
+
+log = logging.getLogger("gpt2")
+
+
+def build_data(cfg: TrainConfig, dist: DistInfo,
+               should_stop: Callable[[], bool] | None = None) -> tuple[TokenLoader, TokenLoader]:
+    """Prepare the corpus on rank 0 (the others wait, then hit the cache), then open loaders.
+    `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
+    try:
+        prepared = prepare_on_main_rank(cfg.data, dist.is_main, should_stop)
+    except PreparationInterrupted as e:
+        log.warning("%s", e)
+        raise TrainingInterrupted(str(e)) from None
+    common = dict(rank=dist.rank, world_size=dist.world_size)
+    train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
+                               **common)
+    val_loader = TokenLoader(prepared.stream("val"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
+                             shuffle=False, **common)
+    return train_loader, val_loader
+
+
+def build_hellaswag(cfg: TrainConfig, dist: DistInfo, tokenizer: Tokenizer,
+                    model_positions: int) -> list[hellaswag.Rendered] | None:
+    """HellaSwag items rendered once for evaluation during training (None when eval.hellaswag_interval
+    is 0); rank 0 downloads the file first when it is not cached."""
+    if cfg.eval.hellaswag_interval == 0:
+        return None
+    path = None
+    if dist.is_main:
+        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
+    barrier()
+    if path is None:
+        path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
+    items = hellaswag.load_items(path, cfg.eval.hellaswag_limit)
+    return hellaswag.render(items, tokenizer.encode_batch, model_positions)
+
+
+def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.Module:
+    """Random GPT-2 init of `model_cfg`, or Hugging Face weights when `init.pretrained` is set and no
+    checkpoint is being resumed (a checkpoint always wins)."""
+    if cfg.init.pretrained and not resuming:
+        from gpt2.pretrained import load_pretrained
+
+        model = load_pretrained(cfg.init.pretrained, dropout=model_cfg.dropout,
+                                pad_vocab_multiple=model_cfg.pad_vocab_multiple)
+        if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
+            log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
+                        cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
+        return model
+    if cfg.init.pretrained:
+        log.info("resuming from a checkpoint: init.pretrained=%s is not loaded", cfg.init.pretrained)
+    return GPT(model_cfg)
+
+
+def train(cfg: TrainConfig, output_dir: str | Path) -> float:
+    """Build everything from `cfg`, train, and return the final validation loss."""
+    from gpt2.slurm import init_slurm_env
+
+    output_dir = Path(output_dir)
+    init_slurm_env()
+    dist = init_distributed(cfg.distributed, cfg.device)
+    preemption = PreemptionHandler()
+    preemption.install()
+    logger: RunLogger | None = None
+    try:
+        set_tf32(dist.device, cfg.precision.tf32)
+        precision = resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
+        resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
+        model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
+        model_cfg = model_cfg.for_device(dist.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
+        tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
+        if cfg.micro_batch_size == "auto":  # a copy with the number: the user's config is not written to
+            cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
+                cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), dist.device,
+                dist.world_size))
+        train_loader, val_loader = build_data(cfg, dist, lambda: preemption.requested)
+        seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
+        # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
+        model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(dist.device)
+        plan = make_plan(cfg, str(dist.device), precision, dist.world_size, model.cfg, resume_from)
+        model = wrap_model(model, cfg.distributed, dist)
+        if cfg.compile:
+            model = torch.compile(model)
+        optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
+        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, unwrap_model(model).cfg.n_positions)
+        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
+                          hellaswag_items=hellaswag_items, plan=plan)
+        if resume_from is not None:
+            trainer.load_checkpoint(resume_from)
+        if dist.is_main:
+            logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
+            trainer.logger = logger
+            trainer.wandb_run_id = logger.wandb_run_id
+            log.info("%s; run dir %s", plan.describe(trainer.raw_model.num_params()), output_dir)
+        return trainer.fit()
+    finally:
+        if logger is not None:
+            logger.finish()
+        preemption.uninstall()
+        # Free the DDP/FSDP model (and its pending gloo/nccl work) while the interpreter is fully
+        # alive: collected during interpreter shutdown instead, it can abort the process (SIGABRT).
+        trainer = model = optimizer = None
+        gc.collect()
+        cleanup()
+
