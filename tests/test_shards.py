@@ -154,7 +154,7 @@ def llmc_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: i
 
 
 def test_llmc_and_npy_shards_load_and_train(tmp_path: Path, base_overrides: list[str]) -> None:
-    from gpt2.trainer import train
+    from gpt2.train import train
 
     rng = np.random.default_rng(0)
     d = tmp_path / "shards"
@@ -243,7 +243,7 @@ def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_p
 import os, torch
 from gpt2.preemption import PreemptionHandler
 from gpt2.distributed import DistInfo
-from gpt2.trainer import build_data
+from gpt2.train import build_data
 from tests.helpers import compose_train
 cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "data.tokenizer_path={tiktoken_file}"])
 assert cfg.data.num_proc == 0
