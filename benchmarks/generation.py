@@ -20,19 +20,19 @@ from typing import Any
 
 import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
-from train_throughput import model_config
 
 from gpt2.device import DTYPES
 from gpt2.device import autocast as device_autocast
 from gpt2.generate import generate
 from gpt2.model import GPT
+from gpt2.presets import model_preset
 from gpt2.pretrained import gpt_to_hf, hf_config_dict
 
 
 def build_models(preset: str, device: torch.device) -> tuple[GPT, Any]:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = model_config(preset)
+    cfg = model_preset(preset)
     torch.manual_seed(0)
     ours = GPT(cfg).to(device).eval()
     hf_cfg = GPT2Config(**{**hf_config_dict(cfg), "attn_implementation": "sdpa"})

@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from common import ROOT, default_out, environment, fmt, markdown_table, median, write_json
+from common import default_out, environment, fmt, markdown_table, median, write_json
 
 from gpt2.config import ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
 from gpt2.device import DTYPES, autocast, set_tf32
 from gpt2.distributed import DistInfo
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
+from gpt2.presets import model_preset
 from gpt2.runlog import detect_peak_flops
 from gpt2.trainer import Trainer
 
@@ -56,15 +57,6 @@ SHAPES = {
     "124m": Shape("gpt2", 4, 256, warmup=2, steps=5),
     "124m-gpu": Shape("gpt2", 16, 1024, warmup=5, steps=20),
 }
-
-
-def model_config(preset: str) -> ModelConfig:
-    """The ModelConfig of conf/model/<preset>.yaml (plain YAML keys; the defaults list is skipped)."""
-    from omegaconf import OmegaConf
-
-    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml"))
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in raw.items() if k in names})  # type: ignore[union-attr]
 
 
 class RandomBatches:
@@ -134,7 +126,7 @@ def build_hf(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool,
 def run_config(shape_name: str, precision: str, compile_: bool, device: torch.device, warmup: int, steps: int,
                peak: float | None) -> dict[str, Any]:
     shape = SHAPES[shape_name]
-    cfg = model_config(shape.preset)
+    cfg = model_preset(shape.preset)
     tokens = shape.batch * shape.seq
     row: dict[str, Any] = {"shape": shape_name, "batch": shape.batch, "seq": shape.seq, "precision": precision,
                            "compile": compile_, "warmup": warmup, "steps": steps}

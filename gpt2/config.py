@@ -576,22 +576,3 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             value = from_dict(type(default), value)
         kwargs[f.name] = value
     return cls(**kwargs)
-
-
-MODEL_PRESETS: dict[str, dict[str, int]] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64),
-    "small": dict(n_layer=4, n_head=4, n_embd=128),
-    "mini": dict(n_layer=6, n_head=6, n_embd=384),
-}
-"""Architecture presets; conf/model/*.yaml mirror these."""
-
-
-def model_preset(name: str) -> ModelConfig:
-    """ModelConfig for a named preset; ConfigError listing the presets on a miss."""
-    if name not in MODEL_PRESETS:
-        raise ConfigError(f"{name!r} is not a known model; choose one of {', '.join(MODEL_PRESETS)}.")
-    return ModelConfig(name=name, **MODEL_PRESETS[name])

@@ -16,11 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gpt2.config import MODEL_PRESETS, ModelConfig, UserError
+from gpt2.config import ModelConfig, UserError
 from gpt2.model import GPT, StateDictMismatch, model_from_state_dict
-
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-"""Names load_pretrained fetches from the Hugging Face Hub."""
+from gpt2.presets import HUB_MODELS, preset_for
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -136,7 +134,7 @@ def model_config_from_hf(hf_config: dict[str, Any]) -> ModelConfig:
         if hf_config.get(flag, ok) != ok:
             raise ValueError(f"{flag}={hf_config[flag]} is not supported.")
     dims = dict(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=n_embd)
-    name = next((k for k, v in MODEL_PRESETS.items() if v == dims), "hf")
+    name = preset_for(**dims) or "hf"
     return ModelConfig(name=name, n_positions=hf_config.get("n_positions", 1024),
                        vocab_size=hf_config.get("vocab_size", 50257),
                        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5), **dims)

@@ -42,12 +42,18 @@ def test_every_group_option_composes_and_validates(group: str) -> None:
             assert getattr(cfg, group).name == option
 
 
-def test_model_yaml_mirrors_presets() -> None:
-    for name, arch in C.MODEL_PRESETS.items():
-        cfg = compose_train([f"model={name}"])
-        assert {k: getattr(cfg.model, k) for k in arch} == arch
-    with pytest.raises(C.ConfigError, match="'gpt3' is not a known model; choose one of"):
-        C.model_preset("gpt3")
+def test_presets_are_the_model_yaml_files() -> None:
+    from gpt2.presets import HUB_MODELS, model_preset, preset_for, preset_names
+
+    assert set(preset_names()) == {p.stem for p in (CONF / "model").glob("*.yaml")} >= set(HUB_MODELS)
+    for name in preset_names():
+        assert compose_train([f"model={name}"]).model == model_preset(name)  # every key, as Hydra composes it
+        p = model_preset(name)
+        assert p.name == name and preset_for(p.n_layer, p.n_head, p.n_embd) == name
+    for name in HUB_MODELS:  # the Hub's GPT-2 checkpoints: 1024 positions, the GPT-2 vocabulary
+        assert (model_preset(name).n_positions, model_preset(name).vocab_size) == (1024, 50257)
+    with pytest.raises(C.ConfigError, match="'gpt3' is not a known model; choose one of gpt2, gpt2-large"):
+        model_preset("gpt3")
 
 
 def test_defaults_and_overrides() -> None:

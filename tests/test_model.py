@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.config import ModelConfig, UserError, model_preset
+from gpt2.config import ModelConfig, UserError
 from gpt2.model import GPT, model_from_state_dict
+from gpt2.presets import model_preset
 
 
 def tiny(**kw) -> ModelConfig:
