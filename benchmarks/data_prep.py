@@ -75,8 +75,8 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
             tokens = prepared.n_train_tokens + prepared.n_val_tokens
             n_docs = prepared.meta["n_docs"]
             tokens -= n_docs  # count text tokens only (ours appends one <|endoftext|> per document)
+            own, kids = _rss_mb()  # before the loader: its memory maps count touched page-cache pages as RSS
             loader_tok_s, n_shards = measure_loader(prepared), len(prepared.train.paths)
-            own, kids = _rss_mb()
             return {"kind": kind, "seconds": seconds, "tokens": tokens, "peak_rss_mb": own,
                     "peak_child_rss_mb": kids, "loader_tok_s": loader_tok_s, "shards": n_shards}
     else:

@@ -5,6 +5,8 @@ ranks waiting for a slow preparation; #16: preparation under the trainer's signa
 from __future__ import annotations
 
 import json
+import logging
+import os
 import resource
 import signal
 import subprocess
@@ -302,3 +304,32 @@ def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_pat
 
     assert time.time() - t0 > 10, out  # the preparation outlasted distributed.timeout_s=5
     assert [r["step"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "train/loss" in r] == [1, 2], out
+
+
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_a_pool_that_cannot_exit_is_reported_and_killed(monkeypatch: pytest.MonkeyPatch,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # Workers that swallow SIGTERM (what an inherited preemption handler did) made Pool.terminate
+    # wait for ever; _shutdown gives up after POOL_EXIT_S, names the workers and kills them.
+    import multiprocessing
+
+    from gpt2 import encoding as E
+
+    monkeypatch.setattr(E, "POOL_EXIT_S", 1.0)
+    pool = multiprocessing.get_context("fork").Pool(2, initializer=_ignore_sigterm)
+    pids = [p.pid for p in pool._pool]  # type: ignore[attr-defined]
+    for _ in range(2):
+        pool.apply_async(time.sleep, (60,))  # busy workers: they do not pick up the exit sentinel
+    time.sleep(0.3)
+    caplog.set_level(logging.ERROR, logger="gpt2")
+    t0 = time.time()
+    E._shutdown(pool, graceful=False)
+    assert time.time() - t0 < 10
+    assert "did not exit within 1s; killing them" in caplog.text and str(pids[0]) in caplog.text
+    time.sleep(0.2)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
