@@ -69,10 +69,19 @@ def _init_worker(tok: Tokenizer, dtype: str) -> None:
     _WORKER = (tok, dtype)
 
 
+def encode_array(tok: Tokenizer, text: str, dtype: str) -> np.ndarray:
+    """tok.encode(text) as an array of `dtype`; a tiktoken encoding fills the array directly
+    (encode_to_numpy with no special tokens equals encode_ordinary, without a Python list)."""
+    enc = getattr(tok, "encoding", None)
+    if hasattr(enc, "encode_to_numpy"):
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)  # type: ignore[union-attr]
+    return np.asarray(tok.encode(text), dtype=dtype)
+
+
 def _encode_task(texts: list[str]) -> list[np.ndarray]:
     assert _WORKER is not None
     tok, dtype = _WORKER
-    return [np.asarray(tok.encode(t), dtype=dtype) for t in texts]
+    return [encode_array(tok, t, dtype) for t in texts]
 
 
 def _shutdown(pool: Any, graceful: bool) -> None:
@@ -97,7 +106,7 @@ def encoded(tasks: Iterator[tuple[list[str], list[bool]]], tok: Tokenizer, dtype
     """Encoded tasks in order; a pool of `num_proc` processes with a bounded queue (flat memory)."""
     if num_proc <= 1:
         for texts, ends in tasks:
-            yield [np.asarray(tok.encode(t), dtype=dtype) for t in texts], ends
+            yield [encode_array(tok, t, dtype) for t in texts], ends
         return
     # fork: workers only run the tokenizer and numpy (no torch, no CUDA), and unlike spawn it works
     # from scripts without an `if __name__ == "__main__":` guard.

@@ -333,3 +333,13 @@ def test_a_pool_that_cannot_exit_is_reported_and_killed(monkeypatch: pytest.Monk
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_array_encoding_equals_encode_ordinary(tiktoken_file: str) -> None:
+    from gpt2.encoding import encode_array
+
+    tok = get_tokenizer(tiktoken_file)
+    text = "A literal <|endoftext|> is text.\r\n  héllo 🙂 12345\n\n" + " ".join(make_docs(20))
+    arr = encode_array(tok, text, "uint16")
+    assert arr.dtype == np.uint16 and arr.tolist() == tok.encode(text) == tok.encoding.encode_ordinary(text)
+    assert encode_array(tok, text, "uint32").tolist() == arr.tolist()
