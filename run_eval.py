@@ -21,11 +21,19 @@ from run_train import register_configs
 register_configs()
 
 
+def _exit(code: int) -> None:
+    """Exit; under torchrun with os._exit after flushing (gloo can abort during interpreter shutdown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
+
+
 def fail(message: str) -> None:
     """Print a user-facing error and exit 2, without a traceback."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(2) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else sys.exit(2)
+    print(f"error: {message}", file=sys.stderr)
+    _exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -39,10 +47,9 @@ def main(dcfg: DictConfig) -> None:
     except (UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     except KeyboardInterrupt:
-        sys.exit(130)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # gloo can abort during interpreter shutdown
-        sys.stdout.flush()
-        os._exit(0)
+        _exit(130)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit(0)
 
 
 if __name__ == "__main__":
