@@ -3,6 +3,7 @@ trainer's periodic evaluation, and run_eval.py (issue #11). CPU only, no network
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import subprocess
@@ -362,3 +363,28 @@ def test_two_gloo_ranks_give_exactly_the_single_process_result(hellaswag_run: di
         one["results"][task].pop("seconds")
         two["results"][task].pop("seconds")
     assert one["results"] == two["results"]
+
+
+def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, tiktoken_file: str) -> None:
+    from gpt2.config import EvalRunConfig, HellaSwagConfig
+    from gpt2.evals.runner import run_evals
+    from gpt2.pretrained import export_hf
+    from gpt2.tokenizer import get_tokenizer
+
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_positions=64)).eval()
+    export_hf(model, model.cfg, tmp_path / "hf")
+    items = write_jsonl(tmp_path / "hs.jsonl", tricky_items(12, seed=2))
+    cfg = EvalRunConfig(pretrained=str(tmp_path / "hf"), tasks=["hellaswag"], device="cpu", dtype="fp32",
+                        batch_size=4, limit=10, hellaswag=HellaSwagConfig(path=str(items)),
+                        tokenizer_path=tiktoken_file, output_file=str(tmp_path / "out" / "res.json"))
+    table = io.StringIO()
+    payload = run_evals(cfg, out=table)
+    assert re.search(r"hellaswag\s+acc_norm\s+[0-9.]+\s+10\s+[0-9.]+", table.getvalue()), table.getvalue()
+    rendered = hellaswag.render(hellaswag.load_items(items, limit=10), get_tokenizer(tiktoken_file).encode_batch, 64)
+    direct = hellaswag.score(model, rendered, batch_size=4, device=CPU)
+    res = json.loads((tmp_path / "out" / "res.json").read_text())["results"]["hellaswag"]
+    assert res["items"] == 10 and res["acc"] == direct.acc and res["acc_norm"] == direct.acc_norm
+    assert payload["results"]["hellaswag"]["acc_norm"] == direct.acc_norm
+    with pytest.raises(UserError, match="val_loss needs a corpus: pass data="):
+        run_evals(EvalRunConfig(pretrained=str(tmp_path / "hf"), tasks=["val_loss"], device="cpu"))
