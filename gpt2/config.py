@@ -469,7 +469,7 @@ class GenerateConfig:
     top_p: float | None = None
     """Nucleus sampling: smallest set with cumulative probability >= p; null = off."""
     num_samples: int = 1
-    """Number of samples to draw."""
+    """Number of samples to draw (decoded together as one batch)."""
     seed: int = 1337
     """Random seed: same seed, same text."""
     device: str = "auto"
@@ -477,7 +477,9 @@ class GenerateConfig:
     dtype: str = "auto"
     """auto (bf16 on CUDA if supported, else fp32), fp32, bf16 or fp16."""
     stream: bool = False
-    """Print tokens as they are generated."""
+    """Print tokens as they are generated (the first sample; the others follow when the batch is done)."""
+    decode: str = "auto"
+    """Decoder: auto (CUDA graphs on CUDA, else eager), eager, static (graph-ready, no capture) or graph."""
     crop_prompt: bool = True
     """Keep only the last n_positions - max_new_tokens prompt tokens when the prompt is too long (false = refuse)."""
     tokenizer_path: str | None = None
@@ -496,6 +498,7 @@ class GenerateConfig:
         _require(self.top_k is None or self.top_k > 0, f"top_k={self.top_k} must be > 0 or null.")
         _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or null.")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("decode", self.decode, ("auto", "eager", "static", "graph"))
 
 
 @dataclass
@@ -544,6 +547,7 @@ class EvalRunConfig:
         _positive("batch_size", self.batch_size)
         _require(self.limit >= 0, f"limit={self.limit} must be >= 0 (0 = all items).")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("decode", self.decode, ("auto", "eager", "static", "graph"))
         _require(self.block_size is None or self.block_size > 0, f"block_size={self.block_size} must be > 0.")
         _require(self.val_tokens is None or self.val_tokens >= 0, f"val_tokens={self.val_tokens} must be >= 0.")
         if self.data is not None:

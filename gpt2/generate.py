@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import GenerateConfig, UserError
+from gpt2.decode import decoder_for, resolve_mode
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.distributed import unwrap_model
 from gpt2.model import GPT, model_from_state_dict
@@ -61,13 +62,15 @@ def _cpu_decode_layout(model: GPT) -> Iterator[None]:
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, eos_token: int | None = None,
-             on_token: Callable[[Tensor], None] | None = None) -> Tensor:
+             on_token: Callable[[Tensor], None] | None = None, decode: str = "auto") -> Tensor:
     """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + n) with n <= max_new_tokens.
 
     The prompt is run once (prefill) into a KV cache, then one token per step. `on_token` gets each new
     (B, 1) column as it is sampled. With `eos_token`, a row that produced it keeps emitting it, and decoding
-    stops once every row has. A generator makes sampling reproducible (it must live on the model's device).
-    The total length must fit n_positions: the caller crops the prompt.
+    stops once every row has (that check reads the GPU every step). A generator makes sampling reproducible
+    (it must live on the model's device). `decode` picks the decoder (see gpt2.decode): auto = CUDA graphs
+    on CUDA, eager elsewhere; eager, static or graph. The total length must fit n_positions: the caller
+    crops the prompt.
     """
     model = unwrap_model(model)  # decode eagerly even if the model was torch.compile'd or DDP-wrapped
     T = idx.size(1)
@@ -79,26 +82,27 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
         raise UserError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds n_positions="
                         f"{n_positions}; crop the prompt to its last {max(n_positions - max_new_tokens, 0)} tokens "
                         f"or lower max_new_tokens.")
+    mode = resolve_mode(decode, model.transformer.wte.weight.device)
     if max_new_tokens <= 0:
         return idx
     with _cpu_decode_layout(model), torch.inference_mode():
         return _generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         generator=generator, eos_token=eos_token, on_token=on_token)
+                         generator=generator, eos_token=eos_token, on_token=on_token, mode=mode)
 
 
 def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float, top_k: int | None,
               top_p: float | None, generator: torch.Generator | None, eos_token: int | None,
-              on_token: Callable[[Tensor], None] | None) -> Tensor:
+              on_token: Callable[[Tensor], None] | None, mode: str) -> Tensor:
     B, T = idx.shape
     total = T + max_new_tokens
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_kv_cache(B, total)
+        decoder = decoder_for(model, B, total, mode)
         out = torch.empty(B, total, dtype=torch.long, device=idx.device)  # (B, T + max_new_tokens)
         out[:, :T] = idx
         finished = torch.zeros(B, 1, dtype=torch.bool, device=idx.device) if eos_token is not None else None
-        logits = model(idx, kv_cache=cache).logits[:, -1, :]  # (B, V)
+        logits = decoder.prefill(idx)  # (B, V)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if finished is not None:
@@ -110,7 +114,7 @@ def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: floa
             if finished is not None and bool(finished.all()):
                 return out[:, : T + i + 1]
             if i + 1 < max_new_tokens:
-                logits = model(nxt, kv_cache=cache).logits[:, -1, :]  # (B, V)
+                logits = decoder.step(nxt)  # (B, V)
         return out
     finally:
         model.train(was_training)
@@ -187,26 +191,24 @@ def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]
     if max(prompt) >= model.cfg.vocab_size:
         raise UserError(f"the prompt has token id {max(prompt)} but the model's vocab_size is only "
                         f"{model.cfg.vocab_size}; this model was not trained with the GPT-2 tokenizer.")
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples: list[str] = []
-    for i in range(cfg.num_samples):
+    streamer = None
+    if cfg.stream:  # the first sample is printed as it is decoded, the others when the batch is done
+        streamer = _Streamer(tokenizer.decode, out)
+        out.write(tokenizer.decode(prompt))
+        out.flush()
+    ids = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                   top_p=cfg.top_p, generator=generator, on_token=streamer, decode=cfg.decode)
+    samples = [tokenizer.decode(row) for row in ids.tolist()]
+    for i, text in enumerate(samples):
         if i > 0:
             out.write("\n---------------\n")
-        streamer = None
-        if cfg.stream:
-            streamer = _Streamer(tokenizer.decode, out)
-            out.write(tokenizer.decode(prompt))
-            out.flush()
-        ids = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                       top_p=cfg.top_p, generator=generator, on_token=streamer)
-        text = tokenizer.decode(ids[0].tolist())
-        if streamer is not None:
+        if i == 0 and streamer is not None:
             streamer.finish()
         else:
             out.write(text)
-        samples.append(text)
     out.write("\n")
     out.flush()
     if cfg.output_file:

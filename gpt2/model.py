@@ -60,6 +60,37 @@ class KVCache:
         self.pos = 0
 
 
+class StaticKVCache:
+    """Graph-ready decoding cache (gpt-fast style): fixed (L, B, nh, max_len, hs) buffers, and the positions
+    being written as a device tensor, `input_pos` (T,). `GPT.forward` writes the new keys/values at those
+    positions with index_copy_ and every query attends over the whole cache through a boolean mask (row
+    `input_pos` of a causal table), so one decoding step has the same shapes and addresses every time and
+    can be captured in a CUDA graph. Nothing on the host tracks the position: the caller advances
+    `input_pos` in place (or assigns a new tensor for a prefill)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str,
+                 dtype: torch.dtype) -> None:
+        if max_len > cfg.n_positions:
+            raise UserError(f"KV cache length {max_len} exceeds n_positions={cfg.n_positions}; use at most "
+                            f"{cfg.n_positions} tokens (prompt + new tokens).")
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()  # (max_len, max_len)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # (T,)
+        self.attn_mask = self.causal[self.input_pos]  # (T, max_len), set by GPT.forward
+        self.batch_size = batch_size
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hs) at input_pos of `layer`; return the whole layer cache (B, nh, max_len, hs)."""
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.index_copy_(2, self.input_pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, self.input_pos, v.to(v_all.dtype))
+        return k_all, v_all
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection."""
 
@@ -73,7 +104,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.layer_idx = layer_idx
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: KVCache | StaticKVCache | None = None) -> Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -82,6 +113,9 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:  # training / full recompute
             dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif isinstance(kv_cache, StaticKVCache):  # every query over the whole cache, future positions masked
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, max_len, hs)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=kv_cache.attn_mask)
         else:
             start = kv_cache.pos
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nh, start+T, hs)
@@ -121,7 +155,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, kv_cache: KVCache | StaticKVCache | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x), kv_cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -200,23 +234,36 @@ class GPT(nn.Module):
         return KVCache(self.cfg, batch_size, max_len or self.cfg.n_positions, device=weight.device,
                        dtype=dtype or weight.dtype)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None) -> GPTOutput:
+    def new_static_kv_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> StaticKVCache:
+        """An empty graph-ready cache on this model's device (dtype defaults to the parameters')."""
+        weight = self.transformer.wte.weight
+        return StaticKVCache(self.cfg, batch_size, max_len, device=weight.device, dtype=dtype or weight.dtype)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                kv_cache: KVCache | StaticKVCache | None = None) -> GPTOutput:
         """idx, targets: (B, T) token ids. Without a cache: logits for every position (and the loss).
-        With a cache: the tokens continue the cached sequence, and only the last position's logits come back."""
+        With a cache: the tokens continue the cached sequence, and only the last position's logits come back.
+        A StaticKVCache takes the tokens' positions from its `input_pos` tensor (no host-side checks, so
+        that a decoding step can be captured in a CUDA graph; the caller keeps them in range)."""
         B, T = idx.size()
-        start = 0 if kv_cache is None else kv_cache.pos
-        if start + T > self.cfg.n_positions:
-            raise UserError(f"Cannot forward sequence of length {start + T}, n_positions is only "
-                            f"{self.cfg.n_positions}; crop the input to the last {self.cfg.n_positions} tokens.")
-        if kv_cache is not None:
-            kv_cache.check(B, T)
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if isinstance(kv_cache, StaticKVCache):
+            pos = kv_cache.input_pos  # (T,)
+            kv_cache.attn_mask = kv_cache.causal[pos]  # (T, max_len): query at p sees keys <= p
+        else:
+            start = 0 if kv_cache is None else kv_cache.pos
+            if start + T > self.cfg.n_positions:
+                raise UserError(f"Cannot forward sequence of length {start + T}, n_positions is only "
+                                f"{self.cfg.n_positions}; crop the input to the last {self.cfg.n_positions} tokens.")
+            if kv_cache is not None:
+                kv_cache.check(B, T)
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, kv_cache)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        if kv_cache is not None:
+        if isinstance(kv_cache, KVCache):
             kv_cache.pos += T
+        if kv_cache is not None:
             x = x[:, -1:, :]  # (B, 1, C): generation needs only the next-token distribution
         logits = self.lm_head(x)  # (B, T, Vp) with Vp = padded_vocab_size
         loss = None
