@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gpt2.cli import check_command_line
 from gpt2.config import EvalRunConfig, UserError
 from run_train import register_configs
 
@@ -53,4 +54,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(EvalRunConfig)
     main()

@@ -13,15 +13,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2.cli import check_command_line, fail
 from gpt2.config import GenerateConfig, UserError
 
 ConfigStore.instance().store(name="base_generate", node=GenerateConfig)
-
-
-def fail(message: str) -> None:
-    """Print a user-facing error and exit non-zero, without a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -39,4 +34,5 @@ def main(dcfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(GenerateConfig)
     main()

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
+from gpt2.cli import check_command_line
 from run_train import register_configs
 
 CONF = Path(__file__).resolve().parent / "conf"
@@ -54,4 +55,5 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(C.TrainConfig)
     main(sys.argv[1:])

@@ -13,7 +13,6 @@ import math
 import os
 import secrets
 import sys
-from typing import NoReturn
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
+from gpt2.cli import check_command_line, fail, remove_unused_run_dir
 
 STAMP_ENV = "GPT2_RUN_STAMP"
 
@@ -87,23 +87,19 @@ def _quiet_non_zero_ranks() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
-def fail(message: str) -> NoReturn:
-    """Print a user-facing error and exit non-zero, without a traceback.
-
-    In a multirun sweep it raises `UserError` instead (sys.exit would end the whole sweep), naming
-    the job number and its overrides; Hydra reports the failed job and the others still run."""
-    hc = HydraConfig.get() if HydraConfig.initialized() else None
-    if hc is not None and hc.mode == RunMode.MULTIRUN:
-        raise C.UserError(f"job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(dcfg: DictConfig) -> float:
+    try:
+        return _main(dcfg)
+    except BaseException:
+        remove_unused_run_dir(HydraConfig.get().runtime.output_dir)  # failed before training: no empty run dir
+        raise
+
+
+def _main(dcfg: DictConfig) -> float:
     from gpt2.train import train
     from gpt2.trainer import TrainingInterrupted
 
@@ -164,5 +160,6 @@ def _exit_without_finalizers() -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(C.TrainConfig)
     _quiet_non_zero_ranks()
     _exit_without_finalizers()

@@ -140,8 +140,12 @@ def find_latest(path: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Like `find_latest`, but a UserError saying what is wrong when nothing valid is there."""
+RESUME_FIX = "Check the path or start without resume."
+
+
+def resolve_checkpoint(path: str | Path, fix: str = RESUME_FIX) -> Path:
+    """Like `find_latest`, but a UserError saying what is wrong (and `fix`, the caller's advice) when
+    nothing valid is there."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint path {p} does not exist; give a run dir, its checkpoints/ dir or a step_* dir.")
@@ -153,7 +157,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         read_meta(d)  # raises the precise reason
     raise UserError(
         f"no complete checkpoint under {p} (expected {p}/checkpoints/step_XXXXXXXX/ with a COMPLETE marker); "
-        f"interrupted saves (*.tmp or no COMPLETE) are ignored. Check the path or start without resume."
+        f"interrupted saves (*.tmp or no COMPLETE) are ignored. {fix}"
     )
 
 
@@ -198,10 +202,11 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_weights(path: str | Path) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
+def load_weights(path: str | Path, fix: str = RESUME_FIX) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
     """For inference and export: the checkpoint found at `path` (file, step dir, checkpoints/ or run
-    dir), its model config and its full model state dict (from either format, no process group)."""
-    ckpt = resolve_checkpoint(path)
+    dir), its model config and its full model state dict (from either format, no process group).
+    `fix` is the advice given when no checkpoint is there."""
+    ckpt = resolve_checkpoint(path, fix)
     return ckpt, read_model_config(ckpt), load_model_state(ckpt)
 
 

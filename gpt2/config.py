@@ -9,6 +9,8 @@ classes in ``run_*.py``).
 
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -135,20 +137,29 @@ class OptimizerConfig:
         _positive("optimizer.muon_lr", self.muon_lr)
 
 
+DEFAULT_MAX_WARMUP = 100
+"""Longest derived warmup (scheduler.warmup_steps=null), in steps."""
+
+
 @dataclass
 class SchedulerConfig:
     """Learning-rate schedule: linear warmup, then decay."""
 
     name: str = "cosine"
     """cosine, linear, or constant (after warmup)."""
-    warmup_steps: int = 100
-    """Steps of linear warmup from 0 to the peak lr."""
+    warmup_steps: int | None = None
+    """Steps of linear warmup from 0 to the peak lr; null = follow the run length: max_steps // 10, at most 100."""
     min_lr_ratio: float = 0.1
     """Final lr as a fraction of the peak (cosine and linear)."""
 
+    def warmup_for(self, max_steps: int) -> int:
+        """The warmup length of a run of `max_steps` steps: warmup_steps, or when null 10% of the run, at most 100."""
+        return self.warmup_steps if self.warmup_steps is not None else min(DEFAULT_MAX_WARMUP, max_steps // 10)
+
     def check(self) -> None:
         _choice("scheduler.name", self.name, ("cosine", "linear", "constant"))
-        _require(self.warmup_steps >= 0, f"scheduler.warmup_steps={self.warmup_steps} must be >= 0.")
+        _require(self.warmup_steps is None or self.warmup_steps >= 0,
+                 f"scheduler.warmup_steps={self.warmup_steps} must be >= 0 (or null: derived from max_steps).")
         _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
 
 
@@ -444,7 +455,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             f"(block_size + 1) = {batch} tokens; raise data.max_tokens or lower micro_batch_size/block_size.",
         )
     _require(
-        cfg.scheduler.warmup_steps <= cfg.max_steps,
+        cfg.scheduler.warmup_for(cfg.max_steps) <= cfg.max_steps,
         f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "
         f"lower warmup_steps.",
     )
@@ -580,3 +591,54 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             value = from_dict(type(default), value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+# ------------------------------------------------------------ command-line keys
+
+
+def _nested_schema(cls: type) -> dict[str, type | None]:
+    """Each field of dataclass `cls` -> its dataclass type (for `X` and `X | None`), else None."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, type | None] = {}
+    for f in fields(cls):
+        candidates = typing.get_args(hints[f.name]) or (hints[f.name],)
+        out[f.name] = next((c for c in candidates if isinstance(c, type) and is_dataclass(c)), None)
+    return out
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, nested groups included (e.g. optimizer.lr)."""
+    keys = []
+    for name, sub in _nested_schema(cls).items():
+        keys.append(prefix + name)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def check_override_keys(schema: type, overrides: list[str], groups: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Refuse a command-line override whose key is not in `schema`, whether written `key=`,
+    `+key=`, `++key=` or `~key`, naming the nearest valid key. Group choices (`model=tiny`, any
+    name in `groups`), `hydra.*` keys and non-override arguments (flags) are left to Hydra."""
+    for arg in overrides:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("~+")
+        if not key or "/" in key or "@" in key or key == "hydra" or key.startswith("hydra.") or key in groups:
+            continue
+        cls: type | None = schema
+        prefix = ""
+        for part in key.split("."):
+            if cls is None:  # below a leaf that holds a list or mapping
+                break
+            nested = _nested_schema(cls)
+            if part not in nested:
+                valid = schema_keys(schema)
+                siblings = [prefix + name for name in nested]
+                near = (difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                        or difflib.get_close_matches(prefix + part, siblings, n=1, cutoff=0.0))
+                hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(valid)}."
+                raise ConfigError(f"{arg.split('=', 1)[0]}: {prefix + part} is not a config key; {hint} "
+                                  f"Every key is listed with its docstring in gpt2/config.py.")
+            cls = nested[part]
+            prefix += part + "."

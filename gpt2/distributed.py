@@ -7,6 +7,7 @@ inside SLURM jobs started by submitit (see gpt2/slurm.py), on CUDA (nccl) and CP
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ from torch import nn
 
 from gpt2.config import ConfigError, DistributedConfig
 from gpt2.device import resolve_device
+
+log = logging.getLogger("gpt2")
 
 
 @dataclass
@@ -46,6 +49,10 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
             f"launched with WORLD_SIZE={world_size} but distributed=none; "
             "pass distributed=ddp or distributed=fsdp."
         )
+    if cfg.name != "none" and "WORLD_SIZE" not in os.environ:  # documented choice: warn, then train on one rank
+        log.warning("distributed=%s but this is one plain process (not started by torchrun or SLURM): it trains on "
+                    "one rank without %s. For N processes run torchrun --nproc_per_node=N run_train.py "
+                    "distributed=%s", cfg.name, cfg.name.upper(), cfg.name)
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -5,15 +5,52 @@
 CHECKPOINT is a checkpoint dir (checkpoints/step_XXXXXXXX) or a run dir (its latest valid checkpoint).
 OUT_DIR receives config.json + model.safetensors, loadable with
 transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) and with run_generate.py pretrained=OUT_DIR.
+OUT_DIR must not be, or lie inside, a checkpoint (nor be a run dir that holds checkpoints/). The files
+are written into a temporary folder next to OUT_DIR and moved into place, so a failed export (full
+disk, kill) leaves OUT_DIR as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gpt2.config import UserError
+
+CHECKPOINT_FIX = "Check the path: export takes a run dir, its checkpoints/ dir or a step_* dir."
+
+
+def _is_checkpoint_dir(d: Path) -> bool:
+    from gpt2.checkpoint_store import CHECKPOINTS_DIR, COMPLETE, META, STEP_DIR
+
+    return d.name == CHECKPOINTS_DIR or bool(STEP_DIR.match(d.name)) or (d / META).exists() or (d / COMPLETE).exists()
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The export target as an absolute path; UserError when it is a file, is or lies inside a checkpoint,
+    holds checkpoints (a run dir), or cannot be written."""
+    from gpt2.checkpoint_store import CHECKPOINTS_DIR
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export target {out_dir} is an existing file; give a directory (new, or holding an "
+                        f"earlier export), e.g. {out.parent / 'hf-export'}.")
+    inside = next((d for d in (out, *out.parents) if d.is_dir() and _is_checkpoint_dir(d)), None)
+    if inside is None and (out / CHECKPOINTS_DIR).exists():
+        inside = out / CHECKPOINTS_DIR
+    if inside is not None:
+        raise UserError(f"export target {out_dir} is or lies inside a training checkpoint ({inside}); exporting "
+                        f"there would overwrite the checkpoint's own files. Give a folder outside checkpoints/, "
+                        f"e.g. hf-export/.")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"export target {out_dir} cannot be written ({existing} is read-only or not a folder); "
+                        f"give a writable folder.")
+    return out
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -21,11 +58,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from gpt2.checkpoint_store import load_weights
     from gpt2.pretrained import export_hf
 
-    ckpt, cfg, state = load_weights(checkpoint)
+    out = check_out_dir(out_dir)  # before loading: a bad target fails at once
+    ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
+    tmp: Path | None = None
     try:
-        return export_hf(state, cfg, out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        export_hf(state, cfg, tmp)
+        if not out.exists():
+            os.rename(tmp, out)
+        else:  # an earlier export (maybe with other files): replace ours file by file, config.json last
+            for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+                os.replace(tmp / name, out / name)
     except ValueError as err:
         raise UserError(f"{ckpt}: {err}") from err
+    except Exception as err:  # OSError, or safetensors' own error wrapping one (full disk, read-only)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise UserError(f"could not write the export to {out_dir}: {reason}; nothing was changed there. Free "
+                        f"space or give another folder.") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

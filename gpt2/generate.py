@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -17,6 +16,7 @@ from gpt2.decode import decoder_for, resolve_mode
 from gpt2.device import resolve_device, resolve_dtype
 from gpt2.distributed import unwrap_model
 from gpt2.model import GPT, model_from_state_dict
+from gpt2.runlog import check_output_file, write_text_atomic
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -123,6 +123,10 @@ def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: floa
 # ------------------------------------------------------------------ run_generate.py
 
 
+CHECKPOINT_FIX = ("Check the path: checkpoint= takes a training run dir, its checkpoints/ dir or a step_* dir; "
+                  "for a Hugging Face model use pretrained=NAME|DIR instead.")
+
+
 def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> GPT:
     """A GPT from a training checkpoint (file, checkpoint dir or run dir) or a pretrained HF name/directory."""
     if pretrained is not None:
@@ -133,7 +137,7 @@ def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> 
         raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
     from gpt2.checkpoint_store import load_weights
 
-    ckpt, cfg, state = load_weights(checkpoint)
+    ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
     return model_from_state_dict(cfg, state, source=str(ckpt))
 
 
@@ -183,6 +187,7 @@ def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]
     from gpt2.tokenizer import get_tokenizer
 
     cfg.check()
+    output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = get_tokenizer(cfg.tokenizer_path)
@@ -211,8 +216,6 @@ def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]
             out.write(text)
     out.write("\n")
     out.flush()
-    if cfg.output_file:
-        path = Path(cfg.output_file).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n---------------\n".join(samples) + "\n", encoding="utf-8")
+    if output_file is not None:
+        write_text_atomic(output_file, "\n---------------\n".join(samples) + "\n")
     return samples

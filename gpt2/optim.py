@@ -19,12 +19,13 @@ from gpt2.config import ConfigError, OptimizerConfig, SchedulerConfig
 
 def lr_multiplier(step: int, cfg: SchedulerConfig, max_steps: int) -> float:
     """Fraction of the peak lr at optimizer step `step` (0-based): linear warmup, then decay."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_for(max_steps)
+    if step < warmup:
+        return (step + 1) / warmup
     if cfg.name == "constant":
         return 1.0
-    decay_steps = max(1, max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.name == "linear":
         shape = 1.0 - progress
     else:  # cosine

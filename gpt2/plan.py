@@ -45,6 +45,8 @@ class RunPlan:
     """Tokens per optimizer step over all ranks."""
     max_steps: int
     """Optimizer steps to train for."""
+    warmup_steps: int
+    """Steps of lr warmup (scheduler.warmup_steps, or derived from max_steps when null)."""
     model: ModelConfig
     """The architecture actually trained (the checkpoint's when resuming, Hugging Face's with init.pretrained)."""
     resume_from: str | None
@@ -61,7 +63,8 @@ def make_plan(cfg: TrainConfig, device: str, precision: str, world_size: int, mo
               resume_from: Path | None) -> RunPlan:
     return RunPlan(device=device, precision=precision, world_size=world_size,
                    grad_accum=grad_accum_steps(cfg, world_size), tokens_per_step=cfg.total_batch_tokens,
-                   max_steps=cfg.max_steps, model=model, resume_from=str(resume_from) if resume_from else None)
+                   max_steps=cfg.max_steps, warmup_steps=cfg.scheduler.warmup_for(cfg.max_steps), model=model,
+                   resume_from=str(resume_from) if resume_from else None)
 
 
 # ------------------------------------------------------------------ resume

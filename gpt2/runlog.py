@@ -8,15 +8,16 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 # Imported here, not lazily: importing rich draws from Python's `random`, and a run's RNG state must not
 # depend on when (or whether) a progress bar first appears (seeding happens after this import).
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gpt2.config import LoggerConfig, TrainConfig, to_dict
+from gpt2.config import LoggerConfig, TrainConfig, UserError, to_dict
 
 log = logging.getLogger("gpt2")
 
@@ -75,6 +76,62 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def open_run_file(path: str | Path, mode: str = "a") -> IO[Any]:
+    """Open a file in a run directory for writing ("a", "w" or "wb") without following a symbolic link:
+    a link planted where metrics.jsonl or loss.png belongs could point at any other file. A link is a
+    UserError (one `error:` line) and its target stays untouched."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if mode.startswith("a") else os.O_TRUNC
+    path = Path(path)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}); a run writes only its own files, "
+                            f"so it is not followed. Remove the link (rm {path}) or pick another run dir.") from None
+        raise UserError(f"cannot write {path}: {err.strerror}; check the run directory's permissions and free "
+                        f"space.") from None
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+def check_output_file(key: str, value: str | Path) -> Path:
+    """Check, before any slow work, that `key=value` names a file that can be written (an existing
+    writable file, or a new one in a writable folder, created if missing); returns the path."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        raise UserError(f"{key}={value} is a directory; give a file path, e.g. {key}={path / 'samples.txt'}.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders that will be created
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{key}={value}: {folder} is not a directory; give a path in a writable folder.")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{key}={value} is not writable ({path if path.exists() else folder} is read-only or not "
+                        f"yours); give a path in a writable folder.")
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` (creating its folder) through a temporary file renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run_summary(steps: int, tokens: int, seconds: float, val_loss: float, checkpoint: Path | None,
+                plot: Path | None) -> str:
+    """The end-of-run line: steps, tokens, time, final val loss, and where the checkpoint and plot are."""
+    where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpoint.save_final=false)"
+    return (f"done: {steps:,} steps, {tokens:,} tokens in {format_duration(seconds)}; final val loss {val_loss:.4f}; "
+            f"{where}; loss plot {plot if plot else '(none)'}")
+
+
 class RunLogger:
     """Writes metrics to metrics.jsonl, the console/train.log, and W&B (when enabled)."""
 
@@ -82,7 +139,7 @@ class RunLogger:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        self._metrics_file = open(self.metrics_path, "a", encoding="utf-8")
+        self._metrics_file = open_run_file(self.metrics_path, "a")
         if _torn_last_line(self.metrics_path):  # a resumed run appends; a crash may have cut the last line
             self._metrics_file.write("\n")
         self.wandb_run: Any = None
@@ -152,7 +209,9 @@ class RunLogger:
             self.wandb_run.log({name: wandb.Html(f"<pre>{_html_escape(text)}</pre>")}, step=step)
 
     def finish(self) -> None:
-        """Close files, write the loss-curve PNG, and finish the W&B run (called in `finally`)."""
+        """Close files, write the loss-curve PNG, and finish the W&B run (called in `finally`; again is a no-op)."""
+        if self._metrics_file.closed:
+            return
         self._metrics_file.close()
         try:
             plot_loss_curve(self.metrics_path, self.output_dir / "loss.png")
@@ -228,7 +287,8 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    with open_run_file(out_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

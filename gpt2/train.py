@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 
 from gpt2.autobatch import resolve_micro_batch_size
 from gpt2.checkpoint import CheckpointManager
-from gpt2.checkpoint_store import read_meta
+from gpt2.checkpoint_store import find_latest, read_meta
 from gpt2.config import ModelConfig, TrainConfig
 from gpt2.data import PreparationInterrupted
 from gpt2.device import resolve_precision, set_tf32
@@ -26,7 +27,7 @@ from gpt2.optim import build_optimizer
 from gpt2.plan import make_plan, resume_model
 from gpt2.preemption import PreemptionHandler
 from gpt2.rng import seed_everything
-from gpt2.runlog import RunLogger
+from gpt2.runlog import RunLogger, run_summary
 from gpt2.tokenizer import Tokenizer, get_tokenizer
 from gpt2.trainer import Trainer, TrainingInterrupted
 
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     """Build everything from `cfg`, train, and return the final validation loss."""
     from gpt2.slurm import init_slurm_env
 
+    started = time.monotonic()
     output_dir = Path(output_dir)
     init_slurm_env()
     dist = init_distributed(cfg.distributed, cfg.device)
@@ -123,7 +125,13 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
             trainer.logger = logger
             trainer.wandb_run_id = logger.wandb_run_id
             log.info("%s; run dir %s", plan.describe(trainer.raw_model.num_params()), output_dir)
-        return trainer.fit()
+        val_loss = trainer.fit()
+        if logger is not None:
+            logger.finish()  # writes loss.png
+            plot = output_dir / "loss.png"
+            log.info(run_summary(trainer.step, trainer.tokens_seen, time.monotonic() - started, val_loss,
+                                 find_latest(output_dir), plot if plot.exists() else None))
+        return val_loss
     finally:
         if logger is not None:
             logger.finish()
