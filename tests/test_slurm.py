@@ -246,6 +246,6 @@ def test_signalled_job_without_retries_left_fails_the_sweep_clearly(data_overrid
     with signalled_sweep(tmp_path, overrides) as (proc, _, job_id):
         assert proc.wait(timeout=60) != 0
     output = (tmp_path / "sweep.log").read_text()
-    assert re.search(rf"UserError: job #0 \(.*optimizer\.lr=0\.001.*\) failed: preempted at step \d+; checkpoint "
+    assert re.search(rf"job #0 \(.*optimizer\.lr=0\.001.*\) failed: preempted at step \d+; checkpoint "
                      rf"saved.*SLURM job {job_id} was not requeued: .*raise it to allow more", output), output
     assert list((the_sweep_dir(tmp_path) / "0" / "checkpoints").glob("step_*/COMPLETE"))  # resumable by hand

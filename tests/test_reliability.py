@@ -1,0 +1,298 @@
+"""Bad inputs from issue #15/#16, each through the real entry point: exit code 2, exactly one `error:` line
+naming the fix, no traceback, and every file that was there before is byte-for-byte unchanged.
+The README's reliability section lists these cases."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2.config import ConfigError, SchedulerConfig, TrainConfig, check_override_keys, to_dict, validate
+from gpt2.model import GPT
+
+from .helpers import REPO, compose_train, subprocess_env
+
+
+def run(args: list[str], cwd: Path, ro: Path | None = None, preexec=None, timeout: float = 120) -> tuple[int, str]:
+    """Run `python args...` in cwd (with `ro` bind-mounted read-only in a private mount namespace)."""
+    cmd = [sys.executable, *args]
+    if ro is not None:
+        cmd = ["unshare", "-m", "sh", "-c", f'mount --bind -o ro "{ro}" "{ro}" && exec "$@"', "sh", *cmd]
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=preexec)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def one_error(code: int, out: str, *needles: str) -> str:
+    """Assert exit 2, no traceback and exactly one `error:` line containing every needle; return it."""
+    assert code == 2 and "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, out
+    for needle in needles:
+        assert needle in lines[0], out
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root -> sha256 of its bytes (or 'dir'/'link:<target>')."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = f"link:{os.readlink(p)}"
+        elif p.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def can_mount_ro(tmp_path_factory: pytest.TempPathFactory) -> bool:
+    d = tmp_path_factory.mktemp("ro_probe")
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f'mount --bind -o ro "{d}" "{d}" && ! touch "{d}/x"'],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def read_only(path: Path, can_mount_ro: bool) -> Path:
+    if not can_mount_ro:
+        pytest.skip("needs `unshare -m` and a bind mount to make a read-only file system")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------ unknown keys
+
+
+@pytest.mark.parametrize("arg,nearest", [
+    ("+optimizer.lrr=1e-3", "optimizer.lr"), ("+max_step=5", "max_steps"), ("++optimizer.lrr=1e-3", "optimizer.lr"),
+    ("optimizer.lrr=1e-3", "optimizer.lr"), ("~scheduler.warmup", "scheduler.warmup_steps")])
+def test_unknown_key_is_an_error_naming_the_nearest_key(arg: str, nearest: str, tmp_path: Path) -> None:
+    code, out = run([str(REPO / "run_train.py"), "model=tiny", arg], tmp_path)
+    one_error(code, out, arg.split("=")[0], f"did you mean {nearest}?")
+    assert list(tmp_path.iterdir()) == []  # no outputs/ run dir
+
+
+@pytest.mark.parametrize("script,arg,nearest", [("run_generate.py", "+temprature=0.5", "temperature"),
+                                                ("run_eval.py", "++limt=3", "limit"),
+                                                ("run_prepare.py", "+data.num_procs=2", "data.num_proc")])
+def test_unknown_key_in_every_entry_point(script: str, arg: str, nearest: str, tmp_path: Path) -> None:
+    code, out = run([str(REPO / script), arg], tmp_path)
+    one_error(code, out, f"did you mean {nearest}?")
+
+
+def test_known_keys_and_group_choices_pass() -> None:
+    check_override_keys(TrainConfig, ["model=tiny", "+experiment=shakespeare_cpu", "optimizer.lr=1e-3",
+                                      "data.data_files=[a.jsonl]", "hydra.run.dir=x", "-m", "logger.tags=[a]"],
+                        {"model", "experiment"})
+    with pytest.raises(ConfigError, match=r"did you mean eval\.val_tokens\?"):
+        check_override_keys(TrainConfig, ["eval.val_token=5"], {"model"})
+
+
+# ------------------------------------------------------------------ run directory
+
+
+@pytest.mark.parametrize("where", ["proc", "under_file", "read_only"])
+def test_unusable_run_dir_is_one_error(where: str, tmp_path: Path, can_mount_ro: bool) -> None:
+    ro = None
+    (tmp_path / "earlier.txt").write_text("keep me\n")
+    if where == "proc":
+        run_dir = Path("/proc/gpt2-run")
+    elif where == "under_file":
+        run_dir = tmp_path / "earlier.txt" / "run"
+    else:
+        ro = read_only(tmp_path / "ro", can_mount_ro)
+        (ro / "old.txt").write_text("old\n")
+        run_dir = ro / "run"
+    before = snapshot(tmp_path)
+    code, out = run([str(REPO / "run_train.py"), "model=tiny", f"hydra.run.dir={run_dir}"], tmp_path, ro=ro)
+    one_error(code, out, f"hydra.run.dir={run_dir} cannot be used as the run directory", "choose a writable folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_dir(tmp_path: Path) -> None:
+    (tmp_path / "outputs" / "old").mkdir(parents=True)  # an earlier run's folder stays
+    before = snapshot(tmp_path)
+    code, out = run([str(REPO / "run_train.py"), "model=tiny", "device=cpu", "data=text",
+                     f"data.path={tmp_path / 'missing.txt'}"], tmp_path)
+    one_error(code, out, "missing.txt", "does not exist")
+    assert snapshot(tmp_path) == before  # the new outputs/<date>/<time>/ (and date folder) are gone
+    code, out = run([str(REPO / "run_train.py"), "model=tiny", "max_steps=0"], tmp_path)  # fails validating
+    one_error(code, out, "max_steps=0 must be greater than 0")
+    assert snapshot(tmp_path) == before
+
+
+def test_planted_metrics_symlink_is_not_followed(tmp_path: Path, base_overrides: list[str]) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").symlink_to(victim)
+    before = snapshot(tmp_path)
+    code, out = run([str(REPO / "run_train.py"), *base_overrides, "max_steps=1", "total_batch_tokens=128",
+                     "micro_batch_size=2", "block_size=64", "sample_tokens=0", f"hydra.run.dir={run_dir}"], tmp_path)
+    one_error(code, out, "metrics.jsonl is a symbolic link", "is not followed", "rm ")
+    after = snapshot(tmp_path)
+    assert victim.read_text() == "precious\n"
+    assert {k: v for k, v in after.items() if k in before} == before  # (Hydra's .hydra/ and train.log are new)
+
+
+def test_loss_plot_does_not_follow_a_planted_symlink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gpt2.runlog import RunLogger
+
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    (tmp_path / "loss.png").symlink_to(victim)
+    logger = RunLogger(tmp_path, TrainConfig())
+    logger.log(1, {"train/loss": 3.0})
+    with caplog.at_level(logging.WARNING, logger="gpt2"):
+        logger.finish()
+    assert victim.read_bytes() == b"precious"
+    assert "loss.png is a symbolic link" in caplog.text
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gpt2.checkpoint import save_checkpoint
+    from gpt2.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    model = GPT(cfg)
+    root = tmp_path_factory.mktemp("export") / "run"
+    save_checkpoint(root, 6, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                    trainer_state={"step": 6}, rank_state={}, config=to_dict(TrainConfig(model=cfg)), val_loss=None,
+                    keep_last=2, keep_best=False, sharded=False)
+    return root
+
+
+def fsize_limit(limit: int):
+    def apply() -> None:  # writes past `limit` bytes fail (EFBIG) as they would on a full disk (ENOSPC)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("target,needle", [
+    ("checkpoints/step_00000006", "inside a training checkpoint"),
+    ("checkpoints/step_00000006/hf", "inside a training checkpoint"),
+    ("checkpoints", "inside a training checkpoint"),
+    (".", "inside a training checkpoint"),  # the run dir itself holds checkpoints/
+    ("checkpoints/step_00000006/model.safetensors", "is an existing file"),
+])
+def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_dir: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from gpt2.export import main
+
+    before = snapshot(run_dir)
+    code = main([str(run_dir), str(run_dir / target)])  # the CLI's own function, in-process (fast)
+    captured = capsys.readouterr()
+    one_error(code, captured.out + captured.err, needle)
+    assert snapshot(run_dir) == before
+    from gpt2.checkpoint_store import load_weights
+
+    load_weights(run_dir)  # ...and the checkpoint still loads
+
+
+def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bool) -> None:
+    ro = read_only(tmp_path / "ro", can_mount_ro)
+    (ro / "old.txt").write_text("old\n")
+    before = snapshot(tmp_path)
+    code, out = run(["-m", "gpt2.export", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
+    one_error(code, out, "cannot be written", "read-only")
+    assert snapshot(tmp_path) == before
+
+
+def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_path: Path) -> None:
+    out_dir = tmp_path / "hf"
+    code, out = run(["-m", "gpt2.export", str(run_dir), str(out_dir)], tmp_path)  # a good export first
+    assert code == 0, out
+    (out_dir / "README.md").write_text("mine\n")
+    before = snapshot(tmp_path)
+    code, out = run(["-m", "gpt2.export", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
+    one_error(code, out, f"could not write the export to {out_dir}", "nothing was changed")
+    assert snapshot(tmp_path) == before  # no temp folder left, the earlier export intact
+    code, out = run(["-m", "gpt2.export", str(run_dir), str(tmp_path / "new")], tmp_path,
+                    preexec=fsize_limit(50_000))
+    one_error(code, out, "could not write the export")
+    assert snapshot(tmp_path) == before  # no new folder at all
+
+
+# ------------------------------------------------------------------ generation
+
+
+def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_mount_ro: bool) -> None:
+    from gpt2.config import GenerateConfig, UserError
+    from gpt2.generate import generate_samples
+
+    (tmp_path / "a_file").write_text("keep\n")
+    before = snapshot(tmp_path)
+    # the checkpoint does not exist: an output_file error proves the check comes before loading
+    missing = str(tmp_path / "no-such-run")
+    for target, needle in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "out.txt", "is not a directory")):
+        with pytest.raises(UserError, match=re.escape(f"output_file={target}") + ".*" + needle):
+            generate_samples(GenerateConfig(checkpoint=missing, output_file=str(target)))
+    assert snapshot(tmp_path) == before
+    ro = read_only(tmp_path / "ro", can_mount_ro)  # through the entry point: exit 2, one line
+    before = snapshot(tmp_path)
+    code, out = run([str(REPO / "run_generate.py"), f"checkpoint={missing}", f"output_file={ro / 'samples.txt'}"],
+                    tmp_path, ro=ro)
+    one_error(code, out, f"output_file={ro / 'samples.txt'}", "is not writable")
+    assert snapshot(tmp_path) == before
+
+
+def test_generate_checkpoint_that_is_not_one_has_its_own_wording(tmp_path: Path) -> None:
+    not_ckpt = tmp_path / "notes.txt"
+    not_ckpt.write_text("hello\n")
+    code, out = run([str(REPO / "run_generate.py"), f"checkpoint={not_ckpt}"], tmp_path)
+    line = one_error(code, out, "no complete checkpoint", "pretrained=")
+    assert "resume" not in line
+
+
+# ------------------------------------------------------------------ short runs, ddp without torchrun
+
+
+def test_default_warmup_follows_the_run_length() -> None:
+    from gpt2.optim import lr_multiplier
+
+    sched = SchedulerConfig()
+    assert [sched.warmup_for(n) for n in (1, 5, 50, 300, 1000, 20000)] == [0, 0, 5, 30, 100, 100]
+    assert lr_multiplier(0, sched, 50) == pytest.approx(1 / 5) and lr_multiplier(5, sched, 50) == pytest.approx(1.0)
+    validate(compose_train(["model=tiny", "max_steps=5"]))  # was: warmup_steps=100 exceeds max_steps=5
+    with pytest.raises(ConfigError, match="warmup_steps=10 exceeds max_steps=5"):  # an explicit value is kept
+        validate(compose_train(["model=tiny", "max_steps=5", "scheduler.warmup_steps=10"]))
+
+
+def test_ddp_without_torchrun_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from gpt2.config import DistributedConfig
+    from gpt2.distributed import init_distributed
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with caplog.at_level(logging.WARNING, logger="gpt2"):
+        info = init_distributed(DistributedConfig(name="ddp"), "cpu")
+    assert info.world_size == 1
+    assert re.search(r"distributed=ddp .* one plain process .* torchrun --nproc_per_node=N run_train.py "
+                     r"distributed=ddp", caplog.text), caplog.text
+    caplog.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node=1: deliberate, no warning
+    with caplog.at_level(logging.WARNING, logger="gpt2"):
+        init_distributed(DistributedConfig(name="ddp"), "cpu")
+    assert "torchrun" not in caplog.text
