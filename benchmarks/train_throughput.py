@@ -88,8 +88,8 @@ def build_ours(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool, d
         model = torch.compile(model)
     optimizer = build_optimizer(model, train_cfg.optimizer, device.type)
     batches = RandomBatches(cfg.vocab_size, shape.batch, shape.seq, device)
-    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    trainer = Trainer(train_cfg, model, optimizer, batches, batches, dist, out_dir)  # type: ignore[arg-type]
+    ranks = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    trainer = Trainer(train_cfg, model, optimizer, batches, batches, ranks, out_dir)  # type: ignore[arg-type]
     return lambda: trainer.train_step()["train/loss"]
 
 

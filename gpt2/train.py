@@ -34,16 +34,16 @@ from gpt2.trainer import Trainer, TrainingInterrupted
 log = logging.getLogger("gpt2")
 
 
-def build_data(cfg: TrainConfig, dist: DistInfo,
+def build_data(cfg: TrainConfig, ranks: DistInfo,
                should_stop: Callable[[], bool] | None = None) -> tuple[TokenLoader, TokenLoader]:
     """Prepare the corpus on rank 0 (the others wait, then hit the cache), then open loaders.
     `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
     try:
-        prepared = prepare_on_main_rank(cfg.data, dist.is_main, should_stop)
+        prepared = prepare_on_main_rank(cfg.data, ranks.is_main, should_stop)
     except PreparationInterrupted as e:
         log.warning("%s", e)
         raise TrainingInterrupted(str(e)) from None
-    common = dict(rank=dist.rank, world_size=dist.world_size)
+    common = dict(rank=ranks.rank, world_size=ranks.world_size)
     train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
                                **common)
     val_loader = TokenLoader(prepared.stream("val"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
@@ -51,14 +51,14 @@ def build_data(cfg: TrainConfig, dist: DistInfo,
     return train_loader, val_loader
 
 
-def build_hellaswag(cfg: TrainConfig, dist: DistInfo, tokenizer: Tokenizer,
+def build_hellaswag(cfg: TrainConfig, ranks: DistInfo, tokenizer: Tokenizer,
                     model_positions: int) -> list[hellaswag.Rendered] | None:
     """HellaSwag items rendered once for evaluation during training (None when eval.hellaswag_interval
     is 0); rank 0 downloads the file first when it is not cached."""
     if cfg.eval.hellaswag_interval == 0:
         return None
     path = None
-    if dist.is_main:
+    if ranks.is_main:
         path = hellaswag.resolve_path(cfg.eval.hellaswag.path, cfg.data.cache_dir)
     barrier()
     if path is None:
@@ -91,36 +91,36 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     started = time.monotonic()
     output_dir = Path(output_dir)
     init_slurm_env()
-    dist = init_distributed(cfg.distributed, cfg.device)
+    ranks = init_distributed(cfg.distributed, cfg.device)
     preemption = PreemptionHandler()
     preemption.install()
     logger: RunLogger | None = None
     try:
-        set_tf32(dist.device, cfg.precision.tf32)
-        precision = resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
+        set_tf32(ranks.device, cfg.precision.tf32)
+        precision = resolve_precision(cfg.precision.name, ranks.device)  # refuses bf16 on a GPU without it
         resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
         model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
-        model_cfg = model_cfg.for_device(dist.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
+        model_cfg = model_cfg.for_device(ranks.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
         tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
         if cfg.micro_batch_size == "auto":  # a copy with the number: the user's config is not written to
             cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
-                cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), dist.device,
-                dist.world_size))
-        train_loader, val_loader = build_data(cfg, dist, lambda: preemption.requested)
+                cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), ranks.device,
+                ranks.world_size))
+        train_loader, val_loader = build_data(cfg, ranks, lambda: preemption.requested)
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
-        model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(dist.device)
-        plan = make_plan(cfg, str(dist.device), precision, dist.world_size, model.cfg, resume_from)
-        model = wrap_model(model, cfg.distributed, dist)
+        model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(ranks.device)
+        plan = make_plan(cfg, str(ranks.device), precision, ranks.world_size, model.cfg, resume_from)
+        model = wrap_model(model, cfg.distributed, ranks)
         if cfg.compile:
             model = torch.compile(model)
-        optimizer = build_optimizer(model, cfg.optimizer, dist.device.type)
-        hellaswag_items = build_hellaswag(cfg, dist, tokenizer, unwrap_model(model).cfg.n_positions)
-        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, dist, output_dir, tokenizer, preemption,
+        optimizer = build_optimizer(model, cfg.optimizer, ranks.device.type)
+        hellaswag_items = build_hellaswag(cfg, ranks, tokenizer, unwrap_model(model).cfg.n_positions)
+        trainer = Trainer(cfg, model, optimizer, train_loader, val_loader, ranks, output_dir, tokenizer, preemption,
                           hellaswag_items=hellaswag_items, plan=plan)
         if resume_from is not None:
             trainer.load_checkpoint(resume_from)
-        if dist.is_main:
+        if ranks.is_main:
             logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
             trainer.logger = logger
             trainer.wandb_run_id = logger.wandb_run_id

@@ -59,7 +59,7 @@ class Trainer:
         optimizer: torch.optim.Optimizer,
         train_loader: TokenLoader,
         val_loader: TokenLoader,
-        dist: DistInfo,
+        ranks: DistInfo,
         output_dir: str | Path,
         tokenizer: Tokenizer | None = None,
         preemption: PreemptionHandler | None = None,
@@ -72,7 +72,7 @@ class Trainer:
         self.optimizer = optimizer
         self.train_loader = train_loader
         self.val_loader = val_loader
-        self.dist = dist
+        self.ranks = ranks
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.preemption = preemption
@@ -80,13 +80,13 @@ class Trainer:
         # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
         self.val_windows = select_windows(len(val_loader.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
                                           max_windows=cfg.eval_iters * cfg.micro_batch_size)
-        self.device = dist.device
-        self.plan = plan or make_plan(cfg, str(dist.device), resolve_precision(cfg.precision.name, dist.device),
-                                      dist.world_size, self.raw_model.cfg, resume_from=None)
+        self.device = ranks.device
+        self.plan = plan or make_plan(cfg, str(ranks.device), resolve_precision(cfg.precision.name, ranks.device),
+                                      ranks.world_size, self.raw_model.cfg, resume_from=None)
         self.grad_accum = self.plan.grad_accum
         self.scaler = grad_scaler(self.device, self.plan.precision)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, is_main=dist.is_main,
-                                             sharded=cfg.distributed.name == "fsdp" and dist.enabled)
+        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, is_main=ranks.is_main,
+                                             sharded=cfg.distributed.name == "fsdp" and ranks.enabled)
         # State that checkpoints carry.
         self.step = 0
         self.tokens_seen = 0
@@ -104,7 +104,7 @@ class Trainer:
 
     def _sync_context(self, sync: bool) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on all but the last micro-step (FSDP2: reduce-scatter)."""
-        if not self.dist.enabled:
+        if not self.ranks.enabled:
             return contextlib.nullcontext()
         if hasattr(self.model, "no_sync"):  # DDP
             return contextlib.nullcontext() if sync else self.model.no_sync()
@@ -236,7 +236,7 @@ class Trainer:
     def load_rank_state_dict(self, state: dict[str, Any] | None, source: Path) -> None:
         if state is None:
             log.warning("checkpoint %s has no state for rank %d (world size changed): data order and RNG "
-                        "streams restart from the seed", source, self.dist.rank)
+                        "streams restart from the seed", source, self.ranks.rank)
             return
         self.train_loader.load_state_dict(state["train_loader"])
         restore_rng_state(state["rng"])
@@ -282,7 +282,7 @@ class Trainer:
         peak = cfg.peak_flops or detect_peak_flops(
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None)
         meter = Throughput(cfg.total_batch_tokens, self.raw_model.flops_per_token(cfg.block_size),
-                           peak * self.dist.world_size if peak else None)
+                           peak * self.ranks.world_size if peak else None)
         progress = ProgressBar(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
         self.model.train()
         if self.step == 0 and (cfg.eval_interval > 0 or cfg.eval.hellaswag_interval > 0):

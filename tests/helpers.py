@@ -69,7 +69,7 @@ def run_torchrun(overrides: list[str], cwd: Path, nproc: int = 2, delay_rank1_s:
     """`torchrun --standalone --nproc_per_node=N run_train.py ...`; optionally rank 1 starts late."""
     cwd.mkdir(parents=True, exist_ok=True)
     torchrun = Path(sys.executable).with_name("torchrun")
-    path = REPO / "tests" / script
+    path = REPO / "tests" / "workers" / script
     env = subprocess_env(GPT2_TEST_DELAY_RANK1=str(delay_rank1_s), **(env or {}))
     t0 = time.time()
     proc = subprocess.run([str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(path), *overrides],

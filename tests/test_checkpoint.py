@@ -1,7 +1,7 @@
 """Checkpoint save/load/discovery/retention, crash safety and preemption signals.
 
-Run as a script (``python tests/test_checkpoint.py MODE ...``) this file also provides the worker processes the
-tests start: a save loop that gets SIGKILLed, a 2-rank FSDP2 (gloo, CPU) save/load, and a signal self-test.
+The processes these tests start (a save loop that gets SIGKILLed, a 2-rank FSDP2 save/load, a signal
+self-test, a retention loop) are in tests/workers/.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,47 +30,11 @@ sys.path.insert(0, str(REPO))
 from gpt2.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from gpt2.checkpoint_store import find_latest, load_model_state, read_meta, resolve_checkpoint  # noqa: E402
 from gpt2.config import UserError  # noqa: E402
-from gpt2.distributed import any_rank  # noqa: E402
-from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler  # noqa: E402
+from gpt2.preemption import PreemptionHandler  # noqa: E402
 from gpt2.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from tests.workers.tiny_lm import make, train_step  # noqa: E402
 
-VOCAB = 32
-
-
-class TinyLM(nn.Module):
-    """GPT-shaped toy: tied embedding / head, keys like gpt2.model.GPT."""
-
-    def __init__(self, n_embd: int = 16, n_layer: int = 2) -> None:
-        super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(VOCAB, n_embd),
-            h=nn.ModuleList([nn.Linear(n_embd, n_embd) for _ in range(n_layer)]),
-        ))
-        self.lm_head = nn.Linear(n_embd, VOCAB, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.transformer.wte(idx)
-        for block in self.transformer.h:
-            x = x + torch.tanh(block(x))
-        return self.lm_head(x)
-
-
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, VOCAB, (2, 8), generator=g)
-    logits = model(idx)  # (B, T, V)
-    loss = F.cross_entropy(logits.reshape(-1, VOCAB), idx.roll(-1, 1).reshape(-1))
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    return loss.item()
-
-
-def make(seed: int = 0, **kw: int) -> tuple[TinyLM, torch.optim.Optimizer]:
-    torch.manual_seed(seed)
-    model = TinyLM(**kw)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+WORKERS = REPO / "tests" / "workers" / "checkpoint_workers.py"
 
 
 def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, **kw) -> Path:
@@ -89,8 +52,9 @@ def assert_same_params(a: nn.Module, b: nn.Module) -> None:
 
 
 def run_script(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python tests/workers/checkpoint_workers.py MODE ...`"""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, str(WORKERS), *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=REPO)
 
 
@@ -257,31 +221,13 @@ def test_crash_between_renames_keeps_old_discoverable(tmp_path: Path) -> None:
 # --------------------------------------------------------------- kill -9 loop
 
 
-def _main_save_loop(root: str) -> None:
-    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])  # ~1.6 M params, ~25 MB with Adam state
-    opt = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, 512)).sum().backward()
-    opt.step()
-    latest = find_latest(root)
-    step = read_meta(latest)["step"] + 1 if latest else 1
-    while True:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.fill_(float(step))
-                opt.state[p]["exp_avg"].fill_(float(step))
-        save_checkpoint(Path(root), step, model=model, optimizer=opt, trainer_state={"step": step},
-                        rank_state={"step": step}, config={}, val_loss=None, keep_last=2, keep_best=False,
-                        sharded=False)
-        print(f"saved {step}", flush=True)
-        step += 1
-
-
+@pytest.mark.slow
 def test_sigkill_during_save_never_corrupts(tmp_path: Path) -> None:
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     steps, interrupted = [], 0
     for _ in range(3):
-        proc = subprocess.Popen([sys.executable, __file__, "save_loop", str(tmp_path)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, str(WORKERS), "save_loop", str(tmp_path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, cwd=REPO)
         try:
             ready, _, _ = select.select([proc.stdout], [], [], 60)
@@ -437,52 +383,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ FSDP2
 
 
-def _fsdp_worker(rank: int, world: int, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
-
-    def build(seed: int) -> tuple[TinyLM, torch.optim.Optimizer]:
-        model, _ = make(seed)
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
-
-    def full(m: nn.Module) -> dict[str, torch.Tensor]:
-        return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    run = Path(out) / "run"
-    model, opt = build(0)
-    train_step(model, opt, 1)
-    ref1 = full(model)
-    save_checkpoint(run, 1, model=model, optimizer=opt, trainer_state={"step": 1}, rank_state={"rank": rank},
-                    config={}, val_loss=1.0, keep_last=2, keep_best=True, sharded=True)
-    train_step(model, opt, 2)
-    ref2 = full(model)
-    model2, opt2 = build(123)
-    loaded = load_checkpoint(run, model=model2, optimizer=opt2, sharded=True)
-    loaded1 = full(model2)
-    train_step(model2, opt2, 2)
-    got2 = full(model2)
-    if rank == 0:
-        torch.save({"ref1": ref1, "ref2": ref2, "loaded1": loaded1, "got2": got2}, Path(out) / "result.pt")
-    torch.save(loaded.rank_state, Path(out) / f"rank_state{rank}.pt")
-    dist.destroy_process_group()
-    # Leave before interpreter shutdown destroys leftover gloo objects (it can SIGABRT; see run_train.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def _main_fsdp(out: str) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_fsdp_worker, args=(2, out), nprocs=2)
-
-
+@pytest.mark.slow
 def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
     proc = run_script("fsdp", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -516,18 +417,6 @@ def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ preemption
 
 
-def _main_signals() -> None:
-    handler = PreemptionHandler().install()
-    assert signal.getsignal(signal.SIGTERM) == handler._handle
-    os.kill(os.getpid(), signal.SIGUSR1)
-    time.sleep(0.05)  # Python handlers run between bytecodes of the main thread
-    anywhere = any_rank(handler.requested, torch.device("cpu"))
-    print(f"requested={handler.requested} signal={handler.signal_name} any={anywhere}", flush=True)
-    os.kill(os.getpid(), signal.SIGTERM)  # second signal: die now
-    time.sleep(5)
-    print("still alive", flush=True)
-
-
 def test_preemption_first_signal_requests_second_kills() -> None:
     proc = run_script("signals", timeout=60)
     assert "requested=True signal=SIGUSR1 any=True" in proc.stdout
@@ -535,7 +424,6 @@ def test_preemption_first_signal_requests_second_kills() -> None:
     assert proc.returncode == -signal.SIGTERM
     assert proc.stderr.count("SIGUSR1 received; will save a checkpoint") == 1
     assert "second SIGTERM received" in proc.stderr
-    assert PREEMPTED_EXIT_CODE == 75
 
 
 def test_preemption_uninstall_restores_and_thread_is_noop() -> None:
@@ -560,10 +448,6 @@ def test_preemption_uninstall_restores_and_thread_is_noop() -> None:
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-if __name__ == "__main__":
-    globals()[f"_main_{sys.argv[1]}"](*sys.argv[2:])
-
-
 # ------------------------------------------------------------------ retention under SIGKILL
 
 
@@ -582,7 +466,7 @@ def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint
     worker = REPO / "tests" / "workers" / "retention_loop.py"
     rng = random.Random(0)
     step, leftovers_seen = 1, 0
-    for _ in range(6):
+    for _ in range(4):
         proc = subprocess.Popen([sys.executable, str(worker), str(tmp_path), str(step), "3000"],
                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.stdout is not None

@@ -105,6 +105,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["data=text"], "data.path"),
     ],
 )
+@pytest.mark.slow
 def test_cli_rejects_bad_values_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:
     result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -113,6 +114,7 @@ def test_cli_rejects_bad_values_without_traceback(tmp_path: Path, args: list[str
     assert "Traceback" not in output, output
 
 
+@pytest.mark.slow
 def test_cli_missing_data_is_a_clear_error(tmp_path: Path, tiktoken_file: str) -> None:
     result = run_cli("model=tiny", "data=text", f"data.path={tmp_path}/nowhere/*.txt",
                      f"data.tokenizer_path={tiktoken_file}", f"data.cache_dir={tmp_path / 'cache'}",

@@ -169,6 +169,7 @@ def test_hf_local_jsonl(tmp_path: Path, tiktoken_file: str) -> None:
         prepare_data(hf_cfg(jsonl, tmp_path / "cache", tiktoken_file))
 
 
+@pytest.mark.slow
 def test_hf_hub_name_offline_is_a_user_error(tmp_path: Path, tiktoken_file: str) -> None:
     code = (
         "from gpt2.config import DataConfig, UserError\n"

@@ -124,6 +124,7 @@ def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -
     return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), loader, loader, info, tmp_path)
 
 
+@pytest.mark.slow
 def test_logged_val_loss_is_the_whole_split_when_small(easy_hard, tmp_path: Path) -> None:
     model, path, nll = easy_hard
     half = len(nll) // 2
@@ -138,6 +139,7 @@ def test_logged_val_loss_is_the_whole_split_when_small(easy_hard, tmp_path: Path
     assert metrics["val/loss"] > easy_loss + 1.0
 
 
+@pytest.mark.slow
 def test_logged_val_loss_samples_a_large_split_the_same_way_each_time(easy_hard, tmp_path: Path) -> None:
     model, path, nll = easy_hard
     trainer = _trainer(tmp_path, path, model, ["eval.val_tokens=1600"])  # 50 of 125 windows
@@ -198,6 +200,7 @@ def hf_scores(hf: transformers.GPT2LMHeadModel, enc, items: list[dict], n_positi
     return out
 
 
+@pytest.mark.slow
 def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path: Path, tiktoken_file: str) -> None:
     from gpt2.tokenizer import get_tokenizer
 
@@ -294,6 +297,7 @@ def hellaswag_run(tmp_path_factory: pytest.TempPathFactory, gpt2_cache: Path, ti
     return {"run_dir": run_dir, "items": items_path, "metrics": read_metrics(run_dir / "metrics.jsonl")}
 
 
+@pytest.mark.slow
 def test_training_logs_hellaswag_above_chance_and_random_init_near_chance(hellaswag_run: dict) -> None:
     evals = {r["step"]: r for r in hellaswag_run["metrics"] if "hellaswag/acc_norm" in r}
     assert sorted(evals) == [0, 30]
@@ -317,6 +321,7 @@ def run_eval_cli(args: list[str], cwd: Path, nproc: int = 0) -> subprocess.Compl
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_eval_reproduces_the_numbers_training_logged(hellaswag_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "res.json"
     proc = run_eval_cli([f"checkpoint={hellaswag_run['run_dir']}", f"hellaswag.path={hellaswag_run['items']}",
@@ -336,6 +341,7 @@ def test_run_eval_reproduces_the_numbers_training_logged(hellaswag_run: dict, tm
     ("missing", r"^error: hellaswag.path=.*missing.jsonl does not exist"),
     ("label", r"^error: .*bad.jsonl:2: label=7 is out of range"),
 ])
+@pytest.mark.slow
 def test_run_eval_bad_hellaswag_input_exits_2(hellaswag_run: dict, tmp_path: Path, bad: str, message: str) -> None:
     path = tmp_path / "missing.jsonl"
     if bad == "label":

@@ -60,6 +60,7 @@ def test_cached_sampling_equals_full_recompute(kw: dict) -> None:
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow
 def test_greedy_equals_hf_generate(hf_dir: Path) -> None:
     import transformers
 
@@ -128,6 +129,7 @@ def run_generate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_generate_samples_seed_stream_and_crop(hf_dir: Path, ranks_file: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """The body of run_generate.py, called in-process."""
@@ -151,6 +153,7 @@ def test_generate_samples_seed_stream_and_crop(hf_dir: Path, ranks_file: str,
         run(prompt=long_prompt, max_new_tokens=20, crop_prompt=False)
 
 
+@pytest.mark.slow
 def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None:
     ok = run_generate([f"pretrained={hf_dir}", f"tokenizer_path={ranks_file}", "prompt=Hello world",
                        "max_new_tokens=24", "device=cpu", "seed=1", "num_samples=2"], tmp_path)
@@ -166,6 +169,7 @@ def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no outputs/, .hydra/ or log file
 
 
+@pytest.mark.slow
 def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path) -> None:
     from gpt2.checkpoint import save_checkpoint
 

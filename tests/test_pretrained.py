@@ -129,6 +129,7 @@ def test_unsupported_hf_config_and_bad_names(tmp_path: Path) -> None:
         load_pretrained(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
     code = ("from gpt2.config import UserError\nfrom gpt2.pretrained import load_pretrained\n"
             "try:\n    load_pretrained('gpt2-medium')\nexcept UserError as e:\n    print(e)\n")
@@ -139,6 +140,7 @@ def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
     assert "HF_HUB_OFFLINE is set" in proc.stdout and "pretrained=DIR" in proc.stdout
 
 
+@pytest.mark.slow
 def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
     from gpt2.checkpoint import save_checkpoint
 

@@ -33,6 +33,8 @@ from gpt2.train import train
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 
+pytestmark = pytest.mark.slow  # every test here trains (often in several processes): run by CI, not the quick loop
+
 # Accumulation 2 (4 x 32 tokens per micro-batch, 256 per step), dropout on, evals and samples on.
 SMALL = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=256", "model.dropout=0.1", "eval_iters=2",
          "sample_tokens=4", "log_interval=1", "scheduler.warmup_steps=2"]
@@ -171,7 +173,6 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
     assert shard_of != last_of  # at least one resumed window spans two shards
 
 
-@pytest.mark.slow
 def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]) -> None:
     common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval_interval=3",
               "checkpoint.interval=3", "distributed=ddp"]  # 2 ranks x accumulation 2 x 2 sequences
@@ -278,7 +279,6 @@ def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, 
     assert len(val) == 1 and f"step 2: val loss {val[0]:.4f}" in resumed.proc.stdout
 
 
-@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(tmp_path: Path, base_overrides: list[str]) -> None:
     """torchrun forwards SIGTERM to its workers: both ranks stop at the same step and write one checkpoint."""
     run_dir = tmp_path / "run"

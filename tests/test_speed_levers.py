@@ -117,6 +117,7 @@ def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
     torch.testing.assert_close(model_from_state_dict(padded.cfg, old).eval()(idx).logits, plain(idx).logits)
 
 
+@pytest.mark.slow
 def test_training_losses_do_not_change_with_padding(tmp_path: Path, base_overrides: list[str]) -> None:
     """Trainer steps from the same weights with and without the padded vocabulary: the same loss curve."""
     cfg = compose_train([*base_overrides, "scheduler.warmup_steps=0", "optimizer.lr=3e-3", "total_batch_tokens=512",
@@ -154,6 +155,7 @@ def test_auto_micro_batch_search() -> None:
     assert largest_fitting([1, 2, 4], lambda b: True) == 4
 
 
+@pytest.mark.slow
 def test_auto_micro_batch_config_and_cpu_error(tmp_path: Path, base_overrides: list[str]) -> None:
     cfg = compose_train([*base_overrides, "micro_batch_size=auto", "total_batch_tokens=1024", "block_size=64"])
     validate(cfg)  # auto passes start-up validation; the batch must still divide by block_size * world

@@ -27,6 +27,7 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_shakespeare(tmp_path: Path, base_overrides: list[str]) -> None:
     cfg = compose_train([*base_overrides, "max_steps=50", "eval_interval=25", "eval_iters=4", "optimizer.lr=3e-3",
                          "scheduler.warmup_steps=5", "total_batch_tokens=1024", "micro_batch_size=8",
@@ -77,12 +78,20 @@ TORCHRUN_ARGS = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_s
                  "log_interval=1"]
 
 
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]):
+    """The one-process reference the DDP and FSDP runs are compared with (accumulation 2 on one rank)."""
+    return run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8"],
+                         cwd=tmp_path_factory.mktemp("single"))
+
+
 @pytest.mark.slow
-def test_ddp_two_ranks_one_run_dir_matches_single_process(tmp_path: Path, base_overrides: list[str]) -> None:
-    single = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8"], cwd=tmp_path / "single")
+def test_ddp_two_ranks_one_run_dir_matches_single_process(tmp_path: Path, base_overrides: list[str],
+                                                           single_process_run) -> None:
+    single = single_process_run
     ddp = run_torchrun([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "distributed=ddp"],
                        cwd=tmp_path / "ddp", nproc=2, delay_rank1_s=4.0)
-    assert single.run_dir.parent.parent == tmp_path / "single" / "outputs"
+    assert single.run_dir.parent.parent.name == "outputs"
     ddp_dirs = list((tmp_path / "ddp" / "outputs").glob("*/*"))
     assert ddp_dirs == [ddp.run_dir], ddp_dirs  # both ranks agreed on one dir despite the delayed start
     assert (ddp.run_dir / ".hydra" / "config.yaml").exists()
@@ -96,12 +105,18 @@ def test_ddp_two_ranks_one_run_dir_matches_single_process(tmp_path: Path, base_o
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_trains_and_checkpoints(tmp_path: Path, base_overrides: list[str]) -> None:
+def test_fsdp_two_ranks_matches_single_process_and_checkpoints(tmp_path: Path, base_overrides: list[str],
+                                                               single_process_run) -> None:
     result = run_torchrun([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "distributed=fsdp"],
                           cwd=tmp_path, nproc=2)
-    val = losses(result.run_dir, "val/loss")
-    assert set(val) == {0, 3, 6} and val[6] < val[0]
-    assert (result.run_dir / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+    single_losses, fsdp_losses = losses(single_process_run.run_dir), losses(result.run_dir)
+    assert sorted(fsdp_losses) == list(range(1, 7))
+    for step, loss in single_losses.items():  # sharded params and reduce-scatter: the same global batch
+        assert fsdp_losses[step] == pytest.approx(loss, rel=1e-4), (step, single_losses, fsdp_losses)
+    single_val, fsdp_val = losses(single_process_run.run_dir, "val/loss"), losses(result.run_dir, "val/loss")
+    assert set(fsdp_val) == {0, 3, 6} and fsdp_val[6] == pytest.approx(single_val[6], rel=1e-4)
+    ckpt = result.run_dir / "checkpoints" / "step_00000006"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "dcp").is_dir()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -121,6 +136,7 @@ def test_mixed_precision_on_cpu(tmp_path: Path, base_overrides: list[str], preci
         assert records[-1]["train/skipped_steps"] == trainer.skipped_steps < 3
 
 
+@pytest.mark.slow  # CPU fp16 is emulated: ~10 s
 def test_fp16_stops_after_max_skipped_steps(tmp_path: Path, base_overrides: list[str]) -> None:
     from gpt2.trainer import TrainingDiverged
 
@@ -135,6 +151,7 @@ def test_fp16_stops_after_max_skipped_steps(tmp_path: Path, base_overrides: list
     assert trainer.consecutive_skipped == 3 and trainer.step <= 4
 
 
+@pytest.mark.slow
 def test_wandb_offline_files_in_run_dir(tmp_path: Path, base_overrides: list[str], monkeypatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -149,6 +166,7 @@ def test_wandb_offline_files_in_run_dir(tmp_path: Path, base_overrides: list[str
     assert list((runs[0] / "files" / "media" / "html").glob("sample_*.html"))
 
 
+@pytest.mark.slow
 def test_cli_run_dir_layout(tmp_path: Path, base_overrides: list[str]) -> None:
     result = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "max_steps=2"], cwd=tmp_path)
     names = {p.name for p in result.run_dir.iterdir()}
@@ -182,6 +200,7 @@ def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overri
     assert meta["plan"]["model"] == {**meta["config"]["model"], "pad_vocab_multiple": 1}
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrides: list[str]) -> None:
     result = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "dry_run=true"], cwd=tmp_path)
     out = result.proc.stdout

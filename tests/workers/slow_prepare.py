@@ -19,6 +19,6 @@ if os.environ.get("RANK", "0") == "0":
         _add(self, tokens)
 
     ShardWriter.add = slow_add  # type: ignore[method-assign]
-script = Path(__file__).resolve().parents[1] / os.environ.get("GPT2_TEST_SCRIPT", "run_train.py")
+script = Path(__file__).resolve().parents[2] / os.environ.get("GPT2_TEST_SCRIPT", "run_train.py")
 sys.argv[0] = str(script)
 runpy.run_path(str(script), run_name="__main__")

@@ -9,6 +9,6 @@ from pathlib import Path
 
 if os.environ.get("RANK") == "1":
     time.sleep(float(os.environ.get("GPT2_TEST_DELAY_RANK1", "0")))
-script = Path(__file__).resolve().parents[1] / "run_train.py"
+script = Path(__file__).resolve().parents[2] / "run_train.py"
 sys.argv[0] = str(script)
 runpy.run_path(str(script), run_name="__main__")
