@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 
-from gpt2.config import model_preset
 from gpt2.device import autocast, resolve_precision
 from gpt2.evals import hellaswag
 from gpt2.model import GPT
+from gpt2.presets import model_preset
 
 FULL = hellaswag.VAL_ITEMS
 

@@ -78,6 +78,7 @@ def read_only(path: Path, can_mount_ro: bool) -> Path:
 # ------------------------------------------------------------------ unknown keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arg,nearest", [
     ("+optimizer.lrr=1e-3", "optimizer.lr"), ("+max_step=5", "max_steps"), ("++optimizer.lrr=1e-3", "optimizer.lr"),
     ("optimizer.lrr=1e-3", "optimizer.lr"), ("~scheduler.warmup", "scheduler.warmup_steps")])
@@ -87,6 +88,7 @@ def test_unknown_key_is_an_error_naming_the_nearest_key(arg: str, nearest: str, 
     assert list(tmp_path.iterdir()) == []  # no outputs/ run dir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,arg,nearest", [("run_generate.py", "+temprature=0.5", "temperature"),
                                                 ("run_eval.py", "++limt=3", "limit"),
                                                 ("run_prepare.py", "+data.num_procs=2", "data.num_proc")])
@@ -106,6 +108,7 @@ def test_known_keys_and_group_choices_pass() -> None:
 # ------------------------------------------------------------------ run directory
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["proc", "under_file", "read_only"])
 def test_unusable_run_dir_is_one_error(where: str, tmp_path: Path, can_mount_ro: bool) -> None:
     ro = None
@@ -124,6 +127,7 @@ def test_unusable_run_dir_is_one_error(where: str, tmp_path: Path, can_mount_ro:
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_training_leaves_no_run_dir(tmp_path: Path) -> None:
     (tmp_path / "outputs" / "old").mkdir(parents=True)  # an earlier run's folder stays
     before = snapshot(tmp_path)
@@ -136,6 +140,7 @@ def test_a_run_that_fails_before_training_leaves_no_run_dir(tmp_path: Path) -> N
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_planted_metrics_symlink_is_not_followed(tmp_path: Path, base_overrides: list[str]) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -211,6 +216,7 @@ def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_
     load_weights(run_dir)  # ...and the checkpoint still loads
 
 
+@pytest.mark.slow
 def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bool) -> None:
     ro = read_only(tmp_path / "ro", can_mount_ro)
     (ro / "old.txt").write_text("old\n")
@@ -220,6 +226,7 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "hf"
     code, out = run(["-m", "gpt2.export", str(run_dir), str(out_dir)], tmp_path)  # a good export first
@@ -238,6 +245,7 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_pa
 # ------------------------------------------------------------------ generation
 
 
+@pytest.mark.slow
 def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_mount_ro: bool) -> None:
     from gpt2.config import GenerateConfig, UserError
     from gpt2.generate import generate_samples
@@ -258,6 +266,7 @@ def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_moun
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_generate_checkpoint_that_is_not_one_has_its_own_wording(tmp_path: Path) -> None:
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("hello\n")
