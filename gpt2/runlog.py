@@ -76,6 +76,16 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+RUN_FILES = (".hydra", "train.log", "metrics.jsonl", "loss.png")
+"""What a run writes at the top of its run directory (checkpoints are built under new temporary names)."""
+
+
+def symlink_refusal(path: Path) -> str:
+    """The message for a symbolic link planted where a run writes one of its own files."""
+    return (f"{path} is a symbolic link (to {os.readlink(path)}); a run writes only its own files, so it is not "
+            f"followed. Remove the link (rm {path}) or pick another run dir.")
+
+
 def open_run_file(path: str | Path, mode: str = "a") -> IO[Any]:
     """Open a file in a run directory for writing ("a", "w" or "wb") without following a symbolic link:
     a link planted where metrics.jsonl or loss.png belongs could point at any other file. A link is a
@@ -87,8 +97,7 @@ def open_run_file(path: str | Path, mode: str = "a") -> IO[Any]:
         fd = os.open(path, flags, 0o644)
     except OSError as err:
         if path.is_symlink():
-            raise UserError(f"{path} is a symbolic link (to {os.readlink(path)}); a run writes only its own files, "
-                            f"so it is not followed. Remove the link (rm {path}) or pick another run dir.") from None
+            raise UserError(symlink_refusal(path)) from None
         raise UserError(f"cannot write {path}: {err.strerror}; check the run directory's permissions and free "
                         f"space.") from None
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
