@@ -38,12 +38,12 @@ from typing import Any
 
 import torch
 from common import ROOT, environment, fmt, markdown_table, write_json
-from train_throughput import model_config
 
 from gpt2.config import ModelConfig
 from gpt2.decode import release_graphs
 from gpt2.generate import generate
 from gpt2.model import GPT
+from gpt2.presets import model_preset
 from gpt2.pretrained import gpt_to_hf, hf_config_dict
 from gpt2.runlog import detect_peak_flops
 
@@ -342,7 +342,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     preset, seq = ("tiny", 64) if args.tiny else ("gpt2", 1024)
-    cfg = model_config(preset)
+    cfg = model_preset(preset)
     if args.tiny:
         cfg = dataclasses.replace(cfg, n_positions=256)
         args.new_tokens, args.decode_batches = min(args.new_tokens, 8), [1, 2]
