@@ -32,7 +32,9 @@ from gpt2.checkpoint_store import (
     delete_checkpoint,
     find_latest,
     fsync_path,
+    io_error,
     load_model_state,
+    plain_state,
     rank_file,
     read_meta,
     remove_leftovers,
@@ -115,17 +117,6 @@ class CheckpointManager:
 # ------------------------------------------------------------------ save
 
 
-def _io_error(exc: BaseException | None) -> BaseException | None:
-    """The OSError behind `exc` (torch.save reports ENOSPC as a RuntimeError raised while handling it)."""
-    from safetensors import SafetensorError
-
-    while exc is not None:
-        if isinstance(exc, (OSError, SafetensorError)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 class _SaveJob:
     """One save in three agreed phases (prepare, write, publish): after each, the ranks agree that all
     succeeded; on any failure the partial ``.tmp`` dir is removed and a UserError names the cause."""
@@ -149,9 +140,9 @@ class _SaveJob:
             return
         if self.rank == 0:
             delete_checkpoint(self.tmp)
-        io_error = _io_error(self.error)
-        if self.error is None or io_error is not None:
-            why = short_error(io_error) if io_error is not None else "another rank failed to write its part"
+        cause = io_error(self.error)
+        if self.error is None or cause is not None:
+            why = short_error(cause) if cause is not None else "another rank failed to write its part"
             raise UserError(f"could not write checkpoint to {self.final}: {why}; earlier checkpoints are intact.") \
                 from self.error
         raise self.error
@@ -171,7 +162,7 @@ class _SaveJob:
             save_sharded(self.tmp / DCP_DIR, model, optimizer)
         if self.rank == 0:
             if not sharded:
-                tensors, aliases = _plain_state(model)
+                tensors, aliases = plain_state(model)
                 self.meta["tied"] = aliases
                 save_file(tensors, self.tmp / MODEL_FILE, metadata={"format": "pt", "aliases": json.dumps(aliases)})
                 fsync_path(self.tmp / MODEL_FILE)
@@ -203,21 +194,6 @@ class _SaveJob:
         else:
             os.replace(self.tmp, self.final)
         fsync_path(self.dir)
-
-
-def _plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU contiguous copy of the bare state dict without aliased entries, and {alias: kept key}."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in unwrap_model(model).state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-        if t.numel() > 0 and ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t.detach().to("cpu").contiguous()
-    return tensors, aliases
 
 
 def save_checkpoint(root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from gpt2.config import ModelConfig, UserError, from_dict
+from gpt2.distributed import unwrap_model
 
 FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -73,6 +75,17 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
+def io_error(exc: BaseException | None) -> BaseException | None:
+    """The OSError behind `exc` (torch.save reports ENOSPC as a RuntimeError raised while handling it)."""
+    from safetensors import SafetensorError
+
+    while exc is not None:
+        if isinstance(exc, (OSError, SafetensorError)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def torch_load(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path} is missing; the checkpoint is incomplete or not a gpt2 checkpoint.")
@@ -83,6 +96,24 @@ def torch_load(path: Path) -> Any:
             f"could not read {path}: it is truncated, corrupt or contains objects other than tensors and "
             f"plain Python values ({short_error(e)}); use another checkpoint."
         ) from None
+
+
+# ------------------------------------------------------------------ model state
+
+
+def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU contiguous copy of the bare state dict without aliased entries, and {alias: kept key}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in unwrap_model(model).state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
 
 
 # ------------------------------------------------------------------ discovery

@@ -195,8 +195,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 init: normal(0, init_std) weights, zero biases, residual projections (c_proj) scaled
-        by 1/sqrt(2 * n_layer), LayerNorms at (1, 0). Public so that a model built on the meta device (and
-        sharded) can be initialized after `to_empty`; only whole-tensor init ops, so DTensor params work too."""
+        by 1/sqrt(2 * n_layer), LayerNorms at (1, 0)."""
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
