@@ -135,7 +135,7 @@ def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: P
         num_proc = max(1, min(num_proc, math.ceil(source.n_bytes / BATCH_CHARS)))
     eot = np.asarray([tok.eot_token], dtype=dtype)
     t0 = last_save = time.time()
-    start_total, finished_shards = total, 0
+    start_total, start_docs, finished_shards = total, docs_done, 0
 
     def save() -> None:
         nonlocal last_save
@@ -174,9 +174,10 @@ def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: P
                         save()
                         raise PreparationInterrupted(f"data preparation interrupted after {docs_done} documents; "
                                                      f"rerun to resume from {work}")
-                rate = (total - start_total) / max(time.time() - t0, 1e-9)
+                secs = max(time.time() - t0, 1e-9)
                 n_shards = sum(len(w.shards) for w in writers.values())
-                bar.update(task, completed=docs_done, info=f"{total:,} tokens {rate:,.0f} tok/s {n_shards} shards")
+                bar.update(task, completed=docs_done, info=f"{total:,} tokens, {(docs_done - start_docs) / secs:,.0f} "
+                           f"docs/s, {(total - start_total) / secs:,.0f} tok/s, {n_shards} shards done")
                 if full:
                     break
         for w in writers.values():
