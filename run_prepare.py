@@ -39,7 +39,7 @@ def main(overrides: list[str]) -> None:
     except MissingMandatoryValue as err:
         fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
     except (C.UserError, ValueError, OmegaConfBaseException) as err:
-        fail(str(err).strip().splitlines()[0] if "\n" in str(err).strip() else str(err))
+        fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from gpt2.data import prepare_data
 
