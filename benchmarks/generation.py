@@ -45,8 +45,8 @@ def build_models(preset: str, device: torch.device) -> tuple[GPT, Any]:
     return ours, hf
 
 
-def variants(ours: GPT, hf: Any, precision: str, new_tokens: int,
-             autocast: bool) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def variants(ours: GPT, hf: Any, precision: str, new_tokens: int, autocast: bool,
+             static: bool = False) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     def hf_run(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(idx: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
@@ -55,7 +55,10 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int,
         return run
 
     if precision == "fp32":
-        return {"ours": lambda idx: generate(ours, idx, new_tokens, temperature=0.0), "hf": hf_run(hf)}
+        runs = {"ours": lambda idx: generate(ours, idx, new_tokens, temperature=0.0)}
+        if static:
+            runs["ours (static cache)"] = lambda idx: generate(ours, idx, new_tokens, temperature=0.0, decode="static")
+        return {**runs, "hf": hf_run(hf)}
     ours_bf16 = copy.deepcopy(ours).to(DTYPES[precision])
     hf_bf16 = copy.deepcopy(hf).to(DTYPES[precision])
     device = next(ours.parameters()).device
@@ -65,6 +68,9 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int,
             return generate(ours, idx, new_tokens, temperature=0.0)
 
     runs = {"ours (bf16 weights)": lambda idx: generate(ours_bf16, idx, new_tokens, temperature=0.0)}
+    if static:
+        runs["ours (bf16 weights, static cache)"] = lambda idx: generate(ours_bf16, idx, new_tokens, temperature=0.0,
+                                                                         decode="static")
     if autocast:  # slow on CPU: autocast re-casts every weight for every token (no cast cache in inference)
         runs["ours (fp32 weights, bf16 autocast)"] = ours_autocast
     return {**runs, "hf": hf_run(hf_bf16)}
@@ -79,6 +85,7 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--autocast", action="store_true", help="also time ours with fp32 weights under bf16 autocast")
+    p.add_argument("--static", action="store_true", help="also time ours with the graph-ready static cache")
     p.add_argument("--out", default=str(default_out("generation")), help="JSON output path")
     args = p.parse_args()
 
@@ -91,7 +98,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     match: bool | None = None
     for precision in args.precisions.split(","):
-        runs = variants(ours, hf, precision, args.new_tokens, args.autocast)
+        runs = variants(ours, hf, precision, args.new_tokens, args.autocast, args.static)
         times: dict[str, list[float]] = {name: [] for name in runs}
         outputs: dict[str, torch.Tensor] = {}
         for rep in range(args.reps + 1):  # rep 0 warms up; variants alternate within each rep
