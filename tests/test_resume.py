@@ -175,7 +175,8 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
 
 def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]) -> None:
     common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval_interval=3",
-              "checkpoint.interval=3", "distributed=ddp"]  # 2 ranks x accumulation 2 x 2 sequences
+              "checkpoint.interval=3", "distributed=ddp",  # 2 ranks x accumulation 2 x 2 sequences
+              "data.shard_tokens=200000"]  # the demo corpus in 8 train shards
     full = run_torchrun([*common, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
     ckpt = full.run_dir / "checkpoints" / "step_00000003"
     assert read_meta(ckpt)["world_size"] == 2 and (ckpt / "rank_00001.pt").exists()
