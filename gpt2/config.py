@@ -558,7 +558,6 @@ class EvalRunConfig:
         _positive("batch_size", self.batch_size)
         _require(self.limit >= 0, f"limit={self.limit} must be >= 0 (0 = all items).")
         _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
-        _choice("decode", self.decode, ("auto", "eager", "static", "graph"))
         _require(self.block_size is None or self.block_size > 0, f"block_size={self.block_size} must be > 0.")
         _require(self.val_tokens is None or self.val_tokens >= 0, f"val_tokens={self.val_tokens} must be >= 0.")
         if self.data is not None:
