@@ -180,10 +180,12 @@ def run_train_row(args: argparse.Namespace, device: torch.device, out_dir: Path)
     overrides += ["data=shakespeare", "eval_interval=0", "eval_iters=1", "sample_prompt=", "logger=none",
                   "progress_bar=false", "checkpoint.save_final=false", "scheduler.warmup_steps=0",
                   f"device={device.type}", f"hydra.run.dir={run_dir}"]
-    if (gpu / "gpt2.tiktoken").is_file():
-        overrides.append(f"data.tokenizer_path={gpu / 'gpt2.tiktoken'}")
-    if (gpu / "cache").is_dir():
-        overrides.append(f"data.cache_dir={gpu / 'cache'}")
+    tokenizer = args.tokenizer_path or (gpu / "gpt2.tiktoken" if (gpu / "gpt2.tiktoken").is_file() else None)
+    cache = args.cache_dir or (gpu / "cache" if (gpu / "cache").is_dir() else None)
+    if tokenizer:
+        overrides.append(f"data.tokenizer_path={tokenizer}")
+    if cache:
+        overrides.append(f"data.cache_dir={cache}")
     row: dict[str, Any] = {"kind": "run_train", "overrides": overrides}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *overrides], capture_output=True, text=True,
@@ -330,6 +332,8 @@ def main() -> None:
     p.add_argument("--e2e-micro-batch", default="auto")
     p.add_argument("--e2e-steps", type=int, default=9)
     p.add_argument("--e2e-timeout-s", type=float, default=240)
+    p.add_argument("--tokenizer-path", help="gpt2.tiktoken for run_train.py (default: .gpu/gpt2.tiktoken if there)")
+    p.add_argument("--cache-dir", help="data.cache_dir for run_train.py (default: .gpu/cache if there)")
     p.add_argument("--decode-batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=200)

@@ -131,8 +131,8 @@ def test_training_losses_do_not_change_with_padding(tmp_path: Path, base_overrid
     for model in (padded, plain):
         loaders = build_data(cfg, info)
         trainer = Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), *loaders, info, tmp_path)
-        curves.append([trainer.train_step()["train/loss"] for _ in range(5)])
-    assert trainer.grad_accum == 2 and curves[1][-1] < curves[1][0] - 0.5
+        curves.append([trainer.train_step()["train/loss"] for _ in range(3)])
+    assert trainer.grad_accum == 2 and curves[1][-1] < curves[1][0] - 0.3
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-5, atol=1e-5)
     assert torch.count_nonzero(padded.transformer.wte.weight[50257:]) == 0  # untouched by AdamW too
 
@@ -166,6 +166,10 @@ def test_auto_micro_batch_config_and_cpu_error(tmp_path: Path, base_overrides: l
         validate(compose_train([*base_overrides, "micro_batch_size=many"]))
     with pytest.raises(UserError, match="micro_batch_size=auto needs a CUDA device.*micro_batch_size=8"):
         train(cfg, tmp_path / "api")
+
+
+@pytest.mark.slow
+def test_auto_micro_batch_cli_error_on_cpu(tmp_path: Path, base_overrides: list[str]) -> None:
     result = run_train_cli([*base_overrides, "micro_batch_size=auto", "total_batch_tokens=1024", "block_size=64",
                             "max_steps=1", "scheduler.warmup_steps=0"], tmp_path / "cli", check=False)
     assert result.proc.returncode == 2
