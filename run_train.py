@@ -40,6 +40,7 @@ def register_configs() -> None:
         ("precision", C.PrecisionConfig),
         ("distributed", C.DistributedConfig),
         ("data", C.DataConfig),
+        ("tokenizer", C.TokenizerConfig),
         ("logger", C.LoggerConfig),
     ):
         cs.store(group=group, name=f"base_{group}", node=node)

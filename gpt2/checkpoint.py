@@ -95,10 +95,13 @@ class CheckpointManager:
         return resolve_checkpoint(resume)
 
     def save(self, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
-             rank_state: dict, config: dict, plan: dict, val_loss: float | None) -> Path:
-        """Collective: write checkpoint `step`, then purge the ones retention does not keep."""
+             rank_state: dict, config: dict, plan: dict, val_loss: float | None, tokenizer: dict | None = None,
+             files: dict[str, bytes] | None = None) -> Path:
+        """Collective: write checkpoint `step` (with `files`, e.g. the tokenizer's), then purge the ones retention
+        does not keep."""
         path = save_checkpoint(self.dir, step, model=model, optimizer=optimizer, trainer_state=trainer_state,
                                rank_state=rank_state, config=config, plan=plan, val_loss=val_loss,
+                               tokenizer=tokenizer, files=files,
                                keep_last=self.cfg.keep_last, keep_best=self.cfg.keep_best, sharded=self.sharded)
         log.info("saved checkpoint %s", path)
         return path
@@ -121,8 +124,9 @@ class _SaveJob:
     """One save in three agreed phases (prepare, write, publish): after each, the ranks agree that all
     succeeded; on any failure the partial ``.tmp`` dir is removed and a UserError names the cause."""
 
-    def __init__(self, ckpt_dir: Path, step: int, meta: dict[str, Any]) -> None:
+    def __init__(self, ckpt_dir: Path, step: int, meta: dict[str, Any], files: dict[str, bytes] | None = None) -> None:
         self.rank, _ = rank_and_world()
+        self.files = files or {}
         self.dir = ckpt_dir
         self.step = step
         self.final = ckpt_dir / step_dir_name(step)
@@ -177,6 +181,9 @@ class _SaveJob:
             return
         if (self.tmp / DCP_DIR).is_dir():
             fsync_path(self.tmp / DCP_DIR)
+        for name, data in self.files.items():  # e.g. the tokenizer.json the model's ids belong to
+            (self.tmp / name).write_bytes(data)
+            fsync_path(self.tmp / name)
         (self.tmp / META).write_text(json.dumps(self.meta, indent=2))
         fsync_path(self.tmp / META)
         with open(self.tmp / COMPLETE, "w") as f:
@@ -198,10 +205,12 @@ class _SaveJob:
 
 def save_checkpoint(root: Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, rank_state: dict, config: dict, val_loss: float | None,
-                    keep_last: int, keep_best: bool, sharded: bool, plan: dict | None = None) -> Path:
+                    keep_last: int, keep_best: bool, sharded: bool, plan: dict | None = None,
+                    tokenizer: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
     """Write checkpoint `step` under ``root/checkpoints/`` (root = run dir; a dir named checkpoints is used as is).
 
-    `config` is the run's config as composed, `plan` its run plan (with the model actually trained).
+    `config` is the run's config as composed, `plan` its run plan (with the model actually trained),
+    `tokenizer` meta.json's record of the tokenizer and `files` extra files (its tokenizer.json) to include.
     Collective when torch.distributed is initialized: every rank calls it. Returns the final directory.
     On any failure the partial ``.tmp`` dir is removed and earlier checkpoints are untouched.
     """
@@ -210,7 +219,9 @@ def save_checkpoint(root: Path, step: int, *, model: nn.Module, optimizer: torch
     loss = float(val_loss) if val_loss is not None and math.isfinite(val_loss) else None
     meta = {"format": FORMAT, "step": int(step), "val_loss": loss, "config": config, "plan": plan, "world_size": world,
             "sharded": bool(sharded), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    job = _SaveJob(checkpoints_dir(root), step, meta)
+    if tokenizer is not None:
+        meta["tokenizer"] = tokenizer
+    job = _SaveJob(checkpoints_dir(root), step, meta, files)
     job.run(job.prepare)
     job.run(lambda: job.write(model, optimizer, trainer_state, rank_state, sharded))
     job.run(job.publish)

@@ -54,8 +54,8 @@ class ModelConfig:
     """Width of the residual stream."""
     n_positions: int = 1024
     """Maximum context length (size of the position embedding)."""
-    vocab_size: int = 50257
-    """Vocabulary size before padding (GPT-2 BPE: 50257)."""
+    vocab_size: int | None = 50257
+    """Vocabulary size before padding; null (the presets) = the tokenizer's; set, it must equal the tokenizer's."""
     pad_vocab_multiple: int | None = None
     """Pad embedding rows inside the model to a multiple of this (GPU speed); null = 64 on CUDA, else 1."""
     dropout: float = 0.0
@@ -70,6 +70,9 @@ class ModelConfig:
     @property
     def padded_vocab_size(self) -> int:
         """Embedding rows: vocab_size rounded up to pad_vocab_multiple (null counts as 1 until resolved)."""
+        if self.vocab_size is None:
+            raise ConfigError("model.vocab_size is null (follow the tokenizer) and was not resolved; build the model "
+                              "from the run plan's model config, or set model.vocab_size.")
         m = self.pad_vocab_multiple or 1
         return ((self.vocab_size + m - 1) // m) * m
 
@@ -80,8 +83,10 @@ class ModelConfig:
         return replace(self, pad_vocab_multiple=64 if device_type == "cuda" else 1)
 
     def check(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
             _positive(f"model.{key}", getattr(self, key))
+        if self.vocab_size is not None:
+            _positive("model.vocab_size", self.vocab_size)
         if self.pad_vocab_multiple is not None:
             _positive("model.pad_vocab_multiple", self.pad_vocab_multiple)
         _require(
@@ -250,6 +255,46 @@ class DataConfig:
                  f"data.max_tokens={self.max_tokens} must be >= 2 (a train and a val token), or null for all.")
 
 
+# --------------------------------------------------------------------- tokenizer
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns text into ids (gpt2/bpe.py builds it)."""
+
+    name: str = "gpt2"
+    """gpt2 (tiktoken's GPT-2 encoding), bpe (train a byte-level BPE on the corpus) or file (a tokenizer.json)."""
+    path: str | None = None
+    """file: the tokenizer.json to use; gpt2: a gpt2.tiktoken ranks file (like data.tokenizer_path); bpe: unused."""
+    vocab_size: int = 8192
+    """bpe: vocabulary size, special tokens included (at least 256 bytes + the special tokens)."""
+    min_frequency: int = 2
+    """bpe: a pair must occur at least this often to be merged."""
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    """bpe: special tokens; must hold <|endoftext|>, the document separator."""
+    train_max_bytes: int | None = 100_000_000
+    """bpe: train on at most this many bytes from the start of the corpus; null = all of it."""
+
+    def check(self) -> None:
+        _choice("tokenizer.name", self.name, ("gpt2", "bpe", "file"))
+        if self.name == "file":
+            _require(bool(self.path), "tokenizer.path is required with tokenizer=file; e.g. "
+                                      "tokenizer.path=tokenizer.json.")
+        if self.name == "bpe":
+            _require(self.path is None, f"tokenizer.path={self.path!r} is not used by tokenizer=bpe (it trains "
+                                        f"one); use tokenizer=file tokenizer.path=... to load a tokenizer.json.")
+            _require("<|endoftext|>" in self.special_tokens,
+                     f"tokenizer.special_tokens={self.special_tokens} lacks <|endoftext|>, the document separator; "
+                     f"add it.")
+            floor = 256 + len(set(self.special_tokens))
+            _require(self.vocab_size >= floor,
+                     f"tokenizer.vocab_size={self.vocab_size} is smaller than the byte alphabet plus special tokens "
+                     f"(256 + {len(set(self.special_tokens))} = {floor}); set tokenizer.vocab_size >= {floor}.")
+            _require(self.min_frequency >= 1, f"tokenizer.min_frequency={self.min_frequency} must be >= 1.")
+            _require(self.train_max_bytes is None or self.train_max_bytes > 0,
+                     f"tokenizer.train_max_bytes={self.train_max_bytes} must be > 0, or null for the whole corpus.")
+
+
 # ----------------------------------------------------------------------- logging
 
 
@@ -344,6 +389,8 @@ class TrainConfig:
     """Parallelism (group: distributed)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus (group: data)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer (group: tokenizer)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Tracking (group: logger)."""
     init: InitConfig = field(default_factory=InitConfig)
@@ -428,9 +475,15 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
 
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check every group and the rules that span groups; raise ConfigError on the first problem."""
-    for group in (cfg.model, cfg.optimizer, cfg.scheduler, cfg.precision, cfg.distributed, cfg.data, cfg.logger,
-                  cfg.checkpoint, cfg.eval, cfg):
+    for group in (cfg.model, cfg.optimizer, cfg.scheduler, cfg.precision, cfg.distributed, cfg.data, cfg.tokenizer,
+                  cfg.logger, cfg.checkpoint, cfg.eval, cfg):
         group.check()
+    _require(not (cfg.tokenizer.name == "bpe" and cfg.data.name == "shards"),
+             "tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer the shards "
+             "were made with (tokenizer=gpt2, or tokenizer=file tokenizer.path=...json).")
+    _require(cfg.tokenizer.name == "gpt2" or cfg.data.tokenizer_path is None,
+             f"data.tokenizer_path={cfg.data.tokenizer_path!r} is a GPT-2 ranks file, unused by "
+             f"tokenizer={cfg.tokenizer.name}; drop it (tokenizer.path names a tokenizer.json).")
     _require(
         cfg.block_size <= cfg.model.n_positions,
         f"block_size={cfg.block_size} exceeds model.n_positions={cfg.model.n_positions}; "

@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from gpt2.config import DataConfig, UserError
+from gpt2.bpe import TOKENIZER_FILE, AnyTokenizer, HFTokenizer, load_tokenizer
+from gpt2.config import DataConfig, TokenizerConfig, UserError
 from gpt2.encoding import BATCH_CHARS, encoded, tasks
 from gpt2.shards import (
     MANIFEST,
@@ -49,7 +50,6 @@ from gpt2.shards import (
     token_dtype,
 )
 from gpt2.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
-from gpt2.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class PreparedData:
     train: Split
     val: Split
     meta: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+    """The tokenizer the tokens belong to (gpt2.bpe.load_tokenizer), when prepare_data resolved it."""
 
     @property
     def n_train_tokens(self) -> int:
@@ -115,7 +117,7 @@ def _progress() -> Any:
     return Progress(*columns, console=console, disable=not console.is_terminal)
 
 
-def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: Path,
+def _tokenize(source: Source, tok: AnyTokenizer, cfg: DataConfig, key: str, work: Path,
               should_stop: Callable[[], bool] | None) -> dict[str, Any]:
     """Fill `work` with shards; resumes from work/state.json. Returns the final state."""
     dtype = token_dtype(tok.n_vocab)
@@ -190,7 +192,7 @@ def _tokenize(source: Source, tok: Tokenizer, cfg: DataConfig, key: str, work: P
             "writers": writers, "dtype": dtype}
 
 
-def _manifest(cfg: DataConfig, source: Source, tok: Tokenizer, key: str, done: dict[str, Any]) -> dict[str, Any]:
+def _manifest(cfg: DataConfig, source: Source, tok: AnyTokenizer, key: str, done: dict[str, Any]) -> dict[str, Any]:
     train, val = done["writers"]["train"], done["writers"]["val"]
     total = train.n_tokens + val.n_tokens
     if total < 2:
@@ -217,11 +219,11 @@ def _manifest(cfg: DataConfig, source: Source, tok: Tokenizer, key: str, done: d
 # ---------------------------------------------------------------------------- public
 
 
-def load_prepared(folder: str | os.PathLike[str]) -> PreparedData:
+def load_prepared(folder: str | os.PathLike[str], tokenizer: AnyTokenizer | None = None) -> PreparedData:
     """A prepared folder (every shard its manifest names checked: present, header, size)."""
     manifest = read_manifest(folder)
     return PreparedData(str(folder), manifest_split(folder, manifest, "train"),
-                        manifest_split(folder, manifest, "val"), manifest)
+                        manifest_split(folder, manifest, "val"), manifest, tokenizer)
 
 
 def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str) -> str:
@@ -232,10 +234,10 @@ def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _external_shards(cfg: DataConfig) -> PreparedData:
+def _external_shards(cfg: DataConfig, tok: AnyTokenizer) -> PreparedData:
     """data=shards: llm.c .bin or build-nanogpt .npy shards used as they are."""
     train = expand_shard_paths(str(cfg.path))
-    check_vocab(TokenStream(train), get_tokenizer(cfg.tokenizer_path, cfg.cache_dir).n_vocab)
+    check_vocab(TokenStream(train), tok.n_vocab)
     val_pattern = cfg.val_path
     head, tail = os.path.split(str(cfg.path))
     if val_pattern is None and "train" in tail:
@@ -246,13 +248,13 @@ def _external_shards(cfg: DataConfig) -> PreparedData:
         val = expand_shard_paths(val_pattern)
         n = len(TokenStream(train))
         return PreparedData(os.path.dirname(train[0]), Split(train, 0, n), Split(val, 0, len(TokenStream(val))),
-                            {**meta, "split": "files"})
+                            {**meta, "split": "files"}, tok)
     n = len(TokenStream(train))
     if n < 2:
         raise UserError(f"data.path={cfg.path!r} holds {n} token(s); a train and a val split need at least 2.")
     n_val = min(max(1, math.ceil(cfg.val_fraction * n)), n - 1)
     return PreparedData(os.path.dirname(train[0]), Split(train, 0, n - n_val), Split(train, n - n_val, n),
-                        {**meta, "split": "tokens"})
+                        {**meta, "split": "tokens"}, tok)
 
 
 def _wait_lock(path: Path) -> Any:
@@ -271,35 +273,42 @@ def _wait_lock(path: Path) -> Any:
             time.sleep(0.5)
 
 
-def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None) -> PreparedData:
-    """Tokenize cfg's corpus into ``<cache_dir>/prepared/<key>/`` unless that exists; return it.
+def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
+                 tokenizer: TokenizerConfig | None = None) -> PreparedData:
+    """Tokenize cfg's corpus with `tokenizer` (default: GPT-2; tokenizer=bpe trains one first, once) into
+    ``<cache_dir>/prepared/<key>/`` unless that exists; return it (its tokenizer attached). A Hugging Face
+    tokenizer's tokenizer.json is kept beside the shards.
 
     Safe to call from several processes (a lock file; the folder appears atomically). A killed
     run resumes. `should_stop` is polled between documents: when it returns True the progress is
     saved and PreparationInterrupted raised. A full disk is a UserError and removes the partial work.
     """
     cfg.check()  # the same messages as at start-up, for callers that skip `validate`
+    tcfg = tokenizer or TokenizerConfig()
+    tcfg.check()
+    tok = load_tokenizer(tcfg, cfg)
     if cfg.name == "shards":
-        return _external_shards(cfg)
+        return _external_shards(cfg, tok)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
     source = make_source(cfg, cache_dir)
-    tok = get_tokenizer(cfg.tokenizer_path, cfg.cache_dir)
     key = prepared_key(cfg, source.key, tok.id)
     prepared = cache_dir / "prepared"
     final = prepared / key
     if (final / MANIFEST).is_file():
         log.info("Reusing prepared data %s", final)
-        return load_prepared(final)
+        return load_prepared(final, tok)
     work = prepared / f"{key}.partial"
     try:
         prepared.mkdir(parents=True, exist_ok=True)
         with _wait_lock(prepared / f"{key}.lock"):
             if (final / MANIFEST).is_file():  # another process finished it while we waited
-                return load_prepared(final)
+                return load_prepared(final, tok)
             work.mkdir(exist_ok=True)
             log.info("Tokenizing %s into %s", source.describe, final)
             done = _tokenize(source, tok, cfg, key, work, should_stop)
             manifest = _manifest(cfg, source, tok, key, done)
+            if isinstance(tok, HFTokenizer):
+                (work / TOKENIZER_FILE).write_text(tok.json_text, encoding="utf-8")
             (work / "state.json").unlink()
             _atomic_json(work / MANIFEST, manifest)
             os.rename(work, final)
@@ -314,4 +323,4 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None)
         ) from None
     log.info("Prepared %d train + %d val tokens in %.1fs", manifest["n_train_tokens"], manifest["n_val_tokens"],
              manifest["seconds"])
-    return load_prepared(final)
+    return load_prepared(final, tok)

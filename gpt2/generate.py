@@ -184,18 +184,18 @@ class _Streamer:
 def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]:
     """Load the model and tokenizer named by cfg, draw cfg.num_samples continuations of cfg.prompt,
     print them to `out` (streaming when cfg.stream) and return them (prompt + completion)."""
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.bpe import for_inference
 
     cfg.check()
     output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = get_tokenizer(cfg.tokenizer_path)
+    tokenizer = for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path, CHECKPOINT_FIX)
     model = load_model(cfg.checkpoint, cfg.pretrained).to(device=device, dtype=dtype).eval()
     prompt = _prompt_tokens(tokenizer.encode(cfg.prompt), cfg, model.cfg.n_positions, tokenizer.eot_token)
     if max(prompt) >= model.cfg.vocab_size:
         raise UserError(f"the prompt has token id {max(prompt)} but the model's vocab_size is only "
-                        f"{model.cfg.vocab_size}; this model was not trained with the GPT-2 tokenizer.")
+                        f"{model.cfg.vocab_size}; this model was not trained with this tokenizer ({tokenizer.id}).")
     idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from gpt2.config import DataConfig, UserError
+from gpt2.config import DataConfig, TokenizerConfig, UserError
 from gpt2.shards import TokenStream
 
 if TYPE_CHECKING:
@@ -126,7 +126,8 @@ WAIT_LOG_S = 60.0
 """How often waiting ranks log that they are still waiting."""
 
 
-def prepare_on_main_rank(cfg: DataConfig, is_main: bool, should_stop: Callable[[], bool] | None = None) -> PreparedData:
+def prepare_on_main_rank(cfg: DataConfig, is_main: bool, should_stop: Callable[[], bool] | None = None,
+                         tokenizer: TokenizerConfig | None = None) -> PreparedData:
     """Rank 0 prepares the data; the other ranks wait for it without a deadline, then reuse it.
 
     No collective is used while waiting (a barrier would time out after distributed.timeout_s on a
@@ -139,12 +140,12 @@ def prepare_on_main_rank(cfg: DataConfig, is_main: bool, should_stop: Callable[[
     from gpt2 import data as D
 
     if not dist.is_initialized():
-        return D.prepare_data(cfg, should_stop)
+        return D.prepare_data(cfg, should_stop, tokenizer)
     store = dist.distributed_c10d._get_default_store()
     key = f"gpt2/data-prepared/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     if is_main:
         try:
-            prepared = D.prepare_data(cfg, should_stop)
+            prepared = D.prepare_data(cfg, should_stop, tokenizer)
         except D.PreparationInterrupted:
             store.set(key, "interrupted")
             raise
@@ -162,7 +163,7 @@ def prepare_on_main_rank(cfg: DataConfig, is_main: bool, should_stop: Callable[[
             raise UserError(f"rank 0, which prepares the data, stopped answering ({type(e).__name__}: {e}); "
                             f"see its log for the cause, then rerun (preparation resumes where it stopped).") from e
         if status == "ok":
-            return D.prepare_data(cfg, should_stop)  # the cache is there (or this node prepares its own copy)
+            return D.prepare_data(cfg, should_stop, tokenizer)  # the cache is there (or this node prepares its own)
         if status == "interrupted":
             raise D.PreparationInterrupted("rank 0 was interrupted while preparing the data; rerun to resume")
         if status is not None:

@@ -67,6 +67,17 @@ def make_plan(cfg: TrainConfig, device: str, precision: str, world_size: int, mo
                    resume_from=str(resume_from) if resume_from else None)
 
 
+def with_vocab(model: ModelConfig, n_vocab: int, tokenizer_id: str) -> ModelConfig:
+    """`model` with vocab_size following the tokenizer (null), or UserError when a set one differs."""
+    if model.vocab_size is None:
+        return replace(model, vocab_size=n_vocab)
+    if model.vocab_size != n_vocab:
+        raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's n_vocab={n_vocab} "
+                        f"({tokenizer_id}); set model.vocab_size=null to follow the tokenizer, or "
+                        f"model.vocab_size={n_vocab}.")
+    return model
+
+
 # ------------------------------------------------------------------ resume
 
 
@@ -102,6 +113,8 @@ def resume_model(cfg: TrainConfig, meta: dict[str, Any], ckpt: Path) -> ModelCon
     refused = []
     for key, (old, new) in changes.items():
         group, _, name = key.partition(".")
+        if key == "model.vocab_size" and new is None:  # null follows the tokenizer, checked against it later
+            continue
         if group == "model" and name in SHAPE_FIELDS and "plan" in meta:
             refused.append(f"{key}={new} (checkpoint: {old}): it changes the weights' shapes")
         for fixed, why in FIXED_ON_RESUME.items():
@@ -110,7 +123,8 @@ def resume_model(cfg: TrainConfig, meta: dict[str, Any], ckpt: Path) -> ModelCon
     if refused:
         raise UserError(f"cannot resume {ckpt} with {refused[0]}; keep the checkpoint's value or start a new run "
                         f"without resume.")
-    shown = {k: v for k, v in changes.items() if not (k.endswith("path") and _same_path(*v))}
+    shown = {k: v for k, v in changes.items() if not (k.endswith("path") and _same_path(*v))
+             and not (k == "model.vocab_size" and v[1] is None)}
     if shown:
         log.info("resuming %s with changed settings (the new values win): %s", ckpt,
                  ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in shown.items()))
@@ -138,7 +152,13 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = resolve_precision(cfg.precision.name, device)
     resume_from = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
+    from gpt2.bpe import load_tokenizer, planned_vocab
+
     model = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
+    n_vocab = planned_vocab(cfg.tokenizer)
+    if n_vocab is None:  # tokenizer=file: read it (cheap)
+        n_vocab = load_tokenizer(cfg.tokenizer, cfg.data).n_vocab
+    model = with_vocab(model, n_vocab, f"tokenizer={cfg.tokenizer.name}")
     model = model.for_device(device.type)
     with torch.device("meta"):
         n_params = GPT(model).num_params()

@@ -30,12 +30,18 @@ def preset_names() -> list[str]:
     return list(_presets())
 
 
-def model_preset(name: str) -> ModelConfig:
-    """The ModelConfig of conf/model/<name>.yaml (a fresh copy); ConfigError listing the presets on a miss."""
+GPT2_VOCAB = 50257
+"""The vocabulary a preset gets outside a training run (its YAML says null: follow the tokenizer)."""
+
+
+def model_preset(name: str, vocab_size: int | None = GPT2_VOCAB) -> ModelConfig:
+    """The ModelConfig of conf/model/<name>.yaml (a fresh copy), its null vocab_size set to `vocab_size`
+    (GPT-2's by default; None keeps it null, as Hydra composes it); ConfigError listing the presets on a miss."""
     presets = _presets()
     if name not in presets:
         raise ConfigError(f"{name!r} is not a known model; choose one of {', '.join(presets)}.")
-    return replace(presets[name])
+    preset = presets[name]
+    return replace(preset, vocab_size=preset.vocab_size if preset.vocab_size is not None else vocab_size)
 
 
 def preset_for(n_layer: int, n_head: int, n_embd: int) -> str | None:

@@ -14,35 +14,41 @@ import torch
 from torch import nn
 
 from gpt2.autobatch import resolve_micro_batch_size
+from gpt2.bpe import AnyTokenizer, check_same
 from gpt2.checkpoint import CheckpointManager
 from gpt2.checkpoint_store import find_latest, read_meta
-from gpt2.config import ModelConfig, TrainConfig
-from gpt2.data import PreparationInterrupted
+from gpt2.config import ModelConfig, TrainConfig, UserError
+from gpt2.data import PreparationInterrupted, PreparedData
 from gpt2.device import resolve_precision, set_tf32
 from gpt2.distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model, wrap_model
 from gpt2.evals import hellaswag
 from gpt2.loader import TokenLoader, prepare_on_main_rank
 from gpt2.model import GPT
 from gpt2.optim import build_optimizer
-from gpt2.plan import make_plan, resume_model
+from gpt2.plan import make_plan, resume_model, with_vocab
 from gpt2.preemption import PreemptionHandler
 from gpt2.rng import seed_everything
 from gpt2.runlog import RunLogger, run_summary
-from gpt2.tokenizer import Tokenizer, get_tokenizer
 from gpt2.trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("gpt2")
 
 
-def build_data(cfg: TrainConfig, ranks: DistInfo,
-               should_stop: Callable[[], bool] | None = None) -> tuple[TokenLoader, TokenLoader]:
-    """Prepare the corpus on rank 0 (the others wait, then hit the cache), then open loaders.
+def prepare(cfg: TrainConfig, ranks: DistInfo, should_stop: Callable[[], bool] | None = None) -> PreparedData:
+    """Train the tokenizer if needed and prepare the corpus on rank 0 (the others wait, then hit the caches).
     `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
     try:
-        prepared = prepare_on_main_rank(cfg.data, ranks.is_main, should_stop)
+        return prepare_on_main_rank(cfg.data, ranks.is_main, should_stop, cfg.tokenizer)
     except PreparationInterrupted as e:
         log.warning("%s", e)
         raise TrainingInterrupted(str(e)) from None
+
+
+def build_data(cfg: TrainConfig, ranks: DistInfo, should_stop: Callable[[], bool] | None = None,
+               prepared: PreparedData | None = None) -> tuple[TokenLoader, TokenLoader]:
+    """Train and val loaders over the prepared corpus (prepared now unless given)."""
+    if prepared is None:
+        prepared = prepare(cfg, ranks, should_stop)
     common = dict(rank=ranks.rank, world_size=ranks.world_size)
     train_loader = TokenLoader(prepared.stream("train"), cfg.micro_batch_size, cfg.block_size, seed=cfg.seed,
                                **common)
@@ -51,7 +57,7 @@ def build_data(cfg: TrainConfig, ranks: DistInfo,
     return train_loader, val_loader
 
 
-def build_hellaswag(cfg: TrainConfig, ranks: DistInfo, tokenizer: Tokenizer,
+def build_hellaswag(cfg: TrainConfig, ranks: DistInfo, tokenizer: AnyTokenizer,
                     model_positions: int) -> list[hellaswag.Rendered] | None:
     """HellaSwag items rendered once for evaluation during training (None when eval.hellaswag_interval
     is 0); rank 0 downloads the file first when it is not cached."""
@@ -75,6 +81,10 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.
 
         model = load_pretrained(cfg.init.pretrained, dropout=model_cfg.dropout,
                                 pad_vocab_multiple=model_cfg.pad_vocab_multiple)
+        if model.cfg.vocab_size != model_cfg.vocab_size:
+            raise UserError(f"init.pretrained={cfg.init.pretrained} has vocab_size={model.cfg.vocab_size} but the "
+                            f"tokenizer has n_vocab={model_cfg.vocab_size}; use tokenizer=gpt2 with GPT-2 weights, "
+                            f"or drop init.pretrained.")
         if model.cfg.n_embd != cfg.model.n_embd or model.cfg.n_layer != cfg.model.n_layer:
             log.warning("init.pretrained=%s defines the architecture (n_layer=%d, n_embd=%d); model=%s ignored",
                         cfg.init.pretrained, model.cfg.n_layer, model.cfg.n_embd, cfg.model.name)
@@ -99,14 +109,19 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         set_tf32(ranks.device, cfg.precision.tf32)
         precision = resolve_precision(cfg.precision.name, ranks.device)  # refuses bf16 on a GPU without it
         resume_from = CheckpointManager.find_resume(cfg.resume, output_dir)
-        model_cfg = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
+        meta = read_meta(resume_from) if resume_from else None
+        model_cfg = resume_model(cfg, meta, resume_from) if resume_from else cfg.model
+        prepared = prepare(cfg, ranks, lambda: preemption.requested)
+        tokenizer = prepared.tokenizer
+        if resume_from is not None:
+            check_same(tokenizer, meta, resume_from)
+        model_cfg = with_vocab(model_cfg, tokenizer.n_vocab, tokenizer.id)  # null follows the tokenizer
         model_cfg = model_cfg.for_device(ranks.device.type)  # pad_vocab_multiple=null: 64 on CUDA, else 1
-        tokenizer = get_tokenizer(cfg.data.tokenizer_path, cache_dir=cfg.data.cache_dir)
         if cfg.micro_batch_size == "auto":  # a copy with the number: the user's config is not written to
             cfg = replace(cfg, micro_batch_size=resolve_micro_batch_size(
                 cfg, lambda: build_model(cfg, model_cfg, resuming=resume_from is not None), ranks.device,
                 ranks.world_size))
-        train_loader, val_loader = build_data(cfg, ranks, lambda: preemption.requested)
+        train_loader, val_loader = build_data(cfg, ranks, prepared=prepared)
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
         model = build_model(cfg, model_cfg, resuming=resume_from is not None).to(ranks.device)

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpt2 import bpe
+from gpt2.bpe import AnyTokenizer
 from gpt2.checkpoint import CheckpointManager
 from gpt2.config import TrainConfig, UserError, to_dict
 from gpt2.device import autocast, grad_scaler, resolve_precision
@@ -32,7 +34,6 @@ from gpt2.plan import RunPlan, make_plan
 from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from gpt2.rng import capture_rng_state, restore_rng_state
 from gpt2.runlog import ProgressBar, RunLogger, Throughput, detect_peak_flops
-from gpt2.tokenizer import Tokenizer
 
 log = logging.getLogger("gpt2")
 
@@ -61,7 +62,7 @@ class Trainer:
         val_loader: TokenLoader,
         ranks: DistInfo,
         output_dir: str | Path,
-        tokenizer: Tokenizer | None = None,
+        tokenizer: AnyTokenizer | None = None,
         preemption: PreemptionHandler | None = None,
         hellaswag_items: list[hellaswag.Rendered] | None = None,
         plan: RunPlan | None = None,
@@ -244,7 +245,14 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
                                      trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
-                                     config=to_dict(self.cfg), plan=to_dict(self.plan), val_loss=self.last_val_loss)
+                                     config=to_dict(self.cfg), plan=to_dict(self.plan), val_loss=self.last_val_loss,
+                                     **self._tokenizer_record())
+
+    def _tokenizer_record(self) -> dict:
+        """The tokenizer's meta.json record and files (tokenizer.json) for checkpoints; none without a tokenizer."""
+        if self.tokenizer is None:
+            return {}
+        return {"tokenizer": bpe.describe(self.tokenizer), "files": bpe.files(self.tokenizer)}
 
     def load_checkpoint(self, path: Path) -> None:
         loaded = self.checkpoints.load(path, model=self.model, optimizer=self.optimizer)

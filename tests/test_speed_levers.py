@@ -124,8 +124,8 @@ def test_training_losses_do_not_change_with_padding(tmp_path: Path, base_overrid
                          "micro_batch_size=4", "block_size=64"])
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     torch.manual_seed(0)
-    padded = GPT(replace(cfg.model, pad_vocab_multiple=64))
-    plain = GPT(replace(cfg.model, pad_vocab_multiple=1))
+    padded = GPT(replace(cfg.model, vocab_size=50257, pad_vocab_multiple=64))
+    plain = GPT(replace(cfg.model, vocab_size=50257, pad_vocab_multiple=1))
     plain.load_state_dict(padded.state_dict())
     curves = []
     for model in (padded, plain):

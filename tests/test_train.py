@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -47,7 +48,7 @@ def make_trainer(cfg: TrainConfig, tmp_path: Path) -> Trainer:
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     train_loader, val_loader = build_data(cfg, info)
     torch.manual_seed(cfg.seed)
-    model = GPT(cfg.model)
+    model = GPT(replace(cfg.model, vocab_size=50257))  # the GPT-2 tokenizer's (null: follows the tokenizer)
     return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), train_loader, val_loader, info, tmp_path)
 
 
