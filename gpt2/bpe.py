@@ -220,7 +220,7 @@ def from_checkpoint(ckpt: Path, meta: dict[str, Any], ranks_path: str | None = N
 
 
 def for_inference(checkpoint: str | None, pretrained: str | None, ranks_path: str | None,
-                  fix: str) -> AnyTokenizer:
+                  fix: str, cache_dir: str | None = None) -> AnyTokenizer:
     """The tokenizer to generate or evaluate with: a checkpoint's own, a Hugging Face directory's
     tokenizer.json (our export of a BPE model), else GPT-2's (`ranks_path`: its ranks file)."""
     if checkpoint is not None:
@@ -231,11 +231,11 @@ def for_inference(checkpoint: str | None, pretrained: str | None, ranks_path: st
         if ranks_path and (meta.get("tokenizer") or {}).get("kind") == "hf":
             raise UserError(f"tokenizer_path={ranks_path!r} is a GPT-2 ranks file, but checkpoint {ckpt} was trained "
                             f"with its own tokenizer ({ckpt / TOKENIZER_FILE}); drop tokenizer_path.")
-        return from_checkpoint(ckpt, meta, ranks_path)
+        return from_checkpoint(ckpt, meta, ranks_path, cache_dir)
     if pretrained is not None and (Path(pretrained) / TOKENIZER_FILE).is_file() \
             and not (Path(pretrained) / "vocab.json").is_file():
         return HFTokenizer.from_file(Path(pretrained) / TOKENIZER_FILE)
-    return get_tokenizer(ranks_path)
+    return get_tokenizer(ranks_path, cache_dir=cache_dir)
 
 
 def check_same(tok: AnyTokenizer, meta: dict[str, Any], ckpt: Path) -> None:

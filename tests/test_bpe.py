@@ -114,6 +114,14 @@ def test_tiny_model_trains_checkpoints_resumes_and_generates(bpe_tok: HFTokenize
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert bpe_tok.decode(ids) == text
 
+    # run_eval scores the val split encoded with the checkpoint's tokenizer (the training's prepared split)
+    from gpt2.config import EvalRunConfig
+    from gpt2.evals.runner import run_evals
+
+    res = run_evals(EvalRunConfig(checkpoint=str(run), tasks=["val_loss"], device="cpu"), io.StringIO())
+    assert res["results"]["val_loss"]["split_tokens"] == prepared.n_val_tokens
+    assert 0 < res["results"]["val_loss"]["loss"] < 9  # ln(4096) = 8.3 at random init; GPT-2 ids would be far off
+
     # another tokenizer on resume: refused, naming both
     other_corpus = tmp_path / "other.txt"
     other_corpus.write_text("Completely different words for another tokenizer. " * 400)

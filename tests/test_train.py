@@ -198,7 +198,8 @@ def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overri
     assert meta["config"]["precision"]["name"] == "auto"
     assert meta["plan"]["precision"] in ("bf16", "fp32") and meta["plan"]["grad_accum"] == 2
     assert meta["config"]["model"]["pad_vocab_multiple"] is None  # resolved in the plan: 1 on CPU (64 on CUDA)
-    assert meta["plan"]["model"] == {**meta["config"]["model"], "pad_vocab_multiple": 1}
+    assert meta["config"]["model"]["vocab_size"] is None  # the preset follows the tokenizer: GPT-2's in the plan
+    assert meta["plan"]["model"] == {**meta["config"]["model"], "pad_vocab_multiple": 1, "vocab_size": 50257}
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 import torch
 
-from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TrainConfig, UserError, from_dict
+from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TokenizerConfig, TrainConfig, UserError, from_dict
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
 from gpt2.shards import TokenStream
@@ -30,11 +30,25 @@ def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
     return from_dict(TrainConfig, saved)
 
 
-def open_val_split(data: DataConfig) -> TokenStream:
+def _tokenizer_config(cfg: EvalRunConfig, train_cfg: TrainConfig | None) -> TokenizerConfig:
+    """The tokenizer a val split is encoded with: the checkpoint's own tokenizer.json (our BPE), else GPT-2's."""
+    if cfg.checkpoint is not None:
+        from gpt2.bpe import TOKENIZER_FILE
+        from gpt2.checkpoint_store import read_meta, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(cfg.checkpoint)
+        if (read_meta(ckpt).get("tokenizer") or {}).get("kind") == "hf":
+            return TokenizerConfig(name="file", path=str(ckpt / TOKENIZER_FILE))
+    if train_cfg is not None and train_cfg.tokenizer.name == "gpt2":
+        return train_cfg.tokenizer
+    return TokenizerConfig()
+
+
+def open_val_split(data: DataConfig, tokenizer: TokenizerConfig | None = None) -> TokenStream:
     """The prepared val split of `data` as one token stream over its shards (prepared on rank 0 first)."""
     from gpt2.loader import prepare_on_main_rank
 
-    return prepare_on_main_rank(data, int(os.environ.get("RANK", "0")) == 0).stream("val")
+    return prepare_on_main_rank(data, int(os.environ.get("RANK", "0")) == 0, tokenizer=tokenizer).stream("val")
 
 
 def run_val_loss(cfg: EvalRunConfig, train_cfg: TrainConfig | None, model: torch.nn.Module, device: torch.device,
@@ -52,7 +66,7 @@ def run_val_loss(cfg: EvalRunConfig, train_cfg: TrainConfig | None, model: torch
     val_tokens = cfg.val_tokens if cfg.val_tokens is not None else defaults.eval.val_tokens
     seed = cfg.seed if cfg.seed is not None else defaults.seed
     max_windows = defaults.eval_iters * defaults.micro_batch_size if train_cfg is not None else 0
-    tokens = open_val_split(data)
+    tokens = open_val_split(data, _tokenizer_config(cfg, train_cfg))
     windows = select_windows(len(tokens), block_size, val_tokens, seed, max_windows=max_windows)
     if cfg.limit:
         windows = type(windows)(windows.starts[: cfg.limit], windows.skip[: cfg.limit], block_size,
@@ -109,11 +123,12 @@ def _write_json(path: str, payload: dict[str, Any]) -> None:
 
 def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run cfg.tasks on the model named by cfg; every rank returns the same results, rank 0 prints."""
+    from gpt2.bpe import for_inference
+    from gpt2.checkpoint_store import RESUME_FIX
     from gpt2.device import autocast as autocast_for
     from gpt2.device import resolve_precision
     from gpt2.distributed import cleanup, init_distributed
     from gpt2.generate import load_model
-    from gpt2.tokenizer import get_tokenizer
 
     cfg.check()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,7 +149,7 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
             if task == "val_loss":
                 res = run_val_loss(cfg, train_cfg, model, dist.device, autocast)
             else:
-                tokenizer = get_tokenizer(tok_path, cache_dir=cache_dir)
+                tokenizer = for_inference(cfg.checkpoint, cfg.pretrained, tok_path, RESUME_FIX, cache_dir)
                 res = run_hellaswag(cfg, cache_dir, tokenizer, model, dist.device, autocast)
             res["seconds"] = time.perf_counter() - t0
             results[task] = res
