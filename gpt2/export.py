@@ -4,7 +4,9 @@
 
 CHECKPOINT is a checkpoint dir (checkpoints/step_XXXXXXXX) or a run dir (its latest valid checkpoint).
 OUT_DIR receives config.json + model.safetensors, loadable with
-transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) and with run_generate.py pretrained=OUT_DIR.
+transformers.GPT2LMHeadModel.from_pretrained(OUT_DIR) and with run_generate.py pretrained=OUT_DIR, and the
+checkpoint's tokenizer for transformers.AutoTokenizer.from_pretrained(OUT_DIR): GPT-2's vocab.json +
+merges.txt (rebuilt from the tiktoken ranks file) or our BPE's tokenizer.json, with tokenizer_config.json.
 OUT_DIR must not be, or lie inside, a checkpoint (nor be a run dir that holds checkpoints/). The files
 are written into a temporary folder next to OUT_DIR and moved into place, so a failed export (full
 disk, kill) leaves OUT_DIR as it was.
@@ -55,21 +57,30 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
-    from gpt2.checkpoint_store import load_weights
+    from gpt2.bpe import from_checkpoint
+    from gpt2.checkpoint_store import load_weights, read_meta
     from gpt2.pretrained import export_hf
+    from gpt2.tokenizer_export import TOKENIZER_FILES, write_tokenizer_files
 
     out = check_out_dir(out_dir)  # before loading: a bad target fails at once
     ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
+    meta = read_meta(ckpt)
+    saved = meta.get("config") or {}
+    ranks = (saved.get("tokenizer") or {}).get("path") or (saved.get("data") or {}).get("tokenizer_path")
+    tokenizer = from_checkpoint(ckpt, meta, ranks, (saved.get("data") or {}).get("cache_dir"))
     tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         export_hf(state, cfg, tmp)
+        written = write_tokenizer_files(tokenizer, tmp, cfg.n_positions)
         if not out.exists():
             os.rename(tmp, out)
         else:  # an earlier export (maybe with other files): replace ours file by file, config.json last
             for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
                 os.replace(tmp / name, out / name)
+            for name in set(TOKENIZER_FILES) - set(written):  # another tokenizer's files from an earlier export
+                (out / name).unlink(missing_ok=True)
     except ValueError as err:
         raise UserError(f"{ckpt}: {err}") from err
     except Exception as err:  # OSError, or safetensors' own error wrapping one (full disk, read-only)
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}")
+    print(f"wrote {out / 'config.json'}, {out / 'model.safetensors'} and the tokenizer files")
     return 0
 
 

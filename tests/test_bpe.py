@@ -188,3 +188,46 @@ def test_generate_refuses_a_ranks_file_for_a_bpe_checkpoint(bpe_cache: Path, tmp
     line = one_error_line(run_cli("run_generate.py", [f"checkpoint={run}", f"tokenizer_path={tiktoken_file}",
                                                       "device=cpu", "max_new_tokens=2"], tmp_path))
     assert "GPT-2 ranks file" in line and TOKENIZER_FILE in line
+
+
+EXPORT_STRINGS = ["ROMEO:\nWhat light through yonder window breaks?", "  two  spaces\tand a tab\r\n", "12345 3.14159",
+                  "Unicode: héllo wörld — naïve, 日本語, emoji 🙂🚀", "", "\n\n\n", "def f(x):\n    return x ** 2\n"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_overrides: list[str],
+                                             tmp_path: Path) -> None:
+    import transformers
+
+    from gpt2.bpe import for_inference
+    from gpt2.export import export_checkpoint
+
+    run = tmp_path / "run"
+    steps = ["max_steps=2", "eval_interval=0", "eval_iters=1", "sample_tokens=4", "total_batch_tokens=256",
+             "micro_batch_size=4", "block_size=64", "optimizer.lr=3e-3", "data.max_tokens=60000"]
+    args = overrides(bpe_cache, *steps) if kind == "bpe" else [*base_overrides, *steps]
+    train(compose_train(args), run)
+    out = export_checkpoint(run, tmp_path / "hf")
+    expected = {"gpt2": {"vocab.json", "merges.txt"}, "bpe": {TOKENIZER_FILE}}[kind]
+    assert expected <= {p.name for p in out.iterdir()} and "tokenizer_config.json" in {p.name for p in out.iterdir()}
+    ranks = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("data.tokenizer_path="))
+    ranks = ranks if kind == "gpt2" else None
+    ours = for_inference(str(run), None, ranks, "")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for s in EXPORT_STRINGS:
+        assert hf_tok(s)["input_ids"] == ours.encode(s), s
+        assert hf_tok.decode(ours.encode(s)) == s
+    model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    prompt = "ROMEO:"
+    cfg = GenerateConfig(checkpoint=str(run), prompt=prompt, max_new_tokens=16, temperature=0, device="cpu",
+                         dtype="fp32")
+    [ours_text] = generate_samples(cfg, io.StringIO())
+    ids = hf_tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=hf_tok.eos_token_id)
+    assert hf_tok.decode(gen[0]) == ours_text
+    # run_generate.py pretrained=OUT_DIR reads the export's own tokenizer too
+    [from_export] = generate_samples(GenerateConfig(pretrained=str(out), prompt=prompt, max_new_tokens=16,
+                                                    temperature=0, device="cpu", dtype="fp32",
+                                                    tokenizer_path=ranks), io.StringIO())
+    assert from_export == ours_text
