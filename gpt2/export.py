@@ -72,7 +72,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        export_hf(state, cfg, tmp)
+        export_hf(state, cfg, tmp, eot_token=tokenizer.eot_token)
         written = write_tokenizer_files(tokenizer, tmp, cfg.n_positions)
         if not out.exists():
             os.rename(tmp, out)

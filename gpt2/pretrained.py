@@ -205,22 +205,23 @@ def load_pretrained(name_or_dir: str, *, dropout: float = 0.0, pad_vocab_multipl
     return model_from_state_dict(cfg, state)
 
 
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """A transformers GPT2Config dict for cfg (architectures ["GPT2LMHeadModel"])."""
+def hf_config_dict(cfg: ModelConfig, eot_token: int = 50256) -> dict[str, Any]:
+    """A transformers GPT2Config dict for cfg (architectures ["GPT2LMHeadModel"]); eot_token: bos/eos id."""
     from transformers import GPT2Config
 
     return GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", resid_pdrop=cfg.dropout,
         embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.layer_norm_epsilon,
-        initializer_range=cfg.init_std, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        initializer_range=cfg.init_std, bos_token_id=eot_token, eos_token_id=eot_token, tie_word_embeddings=True,
         architectures=["GPT2LMHeadModel"],
     ).to_dict()
 
 
-def export_hf(model_or_state: nn.Module | dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path) -> Path:
+def export_hf(model_or_state: nn.Module | dict[str, Tensor], cfg: ModelConfig, out_dir: str | Path,
+              eot_token: int = 50256) -> Path:
     """Write config.json + model.safetensors into out_dir so that transformers.GPT2LMHeadModel.from_pretrained
-    loads it with no missing or unexpected weights. Returns out_dir."""
+    loads it with no missing or unexpected weights (eot_token: the tokenizer's bos/eos id). Returns out_dir."""
     from safetensors.torch import save_file
 
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
@@ -230,5 +231,5 @@ def export_hf(model_or_state: nn.Module | dict[str, Tensor], cfg: ModelConfig, o
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg), indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config_dict(cfg, eot_token), indent=2, sort_keys=True) + "\n")
     return out

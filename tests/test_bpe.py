@@ -218,6 +218,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
         assert hf_tok(s)["input_ids"] == ours.encode(s), s
         assert hf_tok.decode(ours.encode(s)) == s
     model = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert model.config.eos_token_id == model.config.bos_token_id == ours.eot_token  # HF stops where we separate
     prompt = "ROMEO:"
     cfg = GenerateConfig(checkpoint=str(run), prompt=prompt, max_new_tokens=16, temperature=0, device="cpu",
                          dtype="fp32")
