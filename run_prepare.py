@@ -36,6 +36,7 @@ def main(overrides: list[str]) -> None:
             dcfg = compose(config_name="train", overrides=overrides)
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         cfg.data.check()
+        cfg.tokenizer.check()
     except MissingMandatoryValue as err:
         fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
     except (C.UserError, ValueError, OmegaConfBaseException) as err:
@@ -44,7 +45,7 @@ def main(overrides: list[str]) -> None:
     from gpt2.data import prepare_data
 
     try:
-        prepared = prepare_data(cfg.data)
+        prepared = prepare_data(cfg.data, tokenizer=cfg.tokenizer)
     except C.UserError as err:
         fail(str(err))
     except KeyboardInterrupt:
