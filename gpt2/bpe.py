@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -30,6 +31,8 @@ BPE_VERSION = 1
 """Bump when the training recipe changes (invalidates cached tokenizers)."""
 TRAIN_CHUNK_CHARS = 1 << 16
 """Characters per string handed to the BPE trainer."""
+PROGRESS_S = 30.0
+"""Seconds between progress lines while the BPE trainer reads the corpus."""
 
 
 class HFTokenizer:
@@ -137,8 +140,23 @@ def _training_texts(docs: Iterator[Iterator[str]], max_bytes: int | None, counte
                 yield chunk
 
 
-def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str]) -> str:
-    """Train a byte-level BPE on `texts`; returns its tokenizer.json text (deterministic for the same input)."""
+def _reading_progress(texts: Iterator[str], counter: list[int], total: int | None) -> Iterator[str]:
+    """`texts`, with a log line every PROGRESS_S seconds while the trainer reads them and one when it is done."""
+    t0 = last = time.time()
+    of = f" of {total / 1e6:,.1f}" if total else ""
+    for text in texts:
+        yield text
+        if time.time() - last >= PROGRESS_S:
+            last = time.time()
+            log.info("BPE training: read %.1f%s MB (%.1f MB/s)", counter[0] / 1e6, of, counter[0] / 1e6 / (last - t0))
+    log.info("BPE training: read %.1f MB in %.1fs; counting pairs and computing merges", counter[0] / 1e6,
+             time.time() - t0)
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str],
+              show_progress: bool = False) -> str:
+    """Train a byte-level BPE on `texts`; returns its tokenizer.json text (deterministic for the same input).
+    show_progress: the `tokenizers` trainer's own progress bars (on a terminal)."""
     from tokenizers import Tokenizer as RustTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -146,7 +164,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, special
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(special_tokens), show_progress=False,
+                                  special_tokens=list(special_tokens), show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok.to_str()
@@ -178,8 +196,9 @@ def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
              cfg.min_frequency, cap, source.describe)
     t0 = time.time()
     counter = [0]
-    text = train_bpe(_training_texts(source.docs(), cfg.train_max_bytes, counter), cfg.vocab_size,
-                     cfg.min_frequency, cfg.special_tokens)
+    total = min(filter(None, (cfg.train_max_bytes, source.n_bytes)), default=None)
+    texts = _reading_progress(_training_texts(source.docs(), cfg.train_max_bytes, counter), counter, total)
+    text = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.special_tokens, show_progress=sys.stderr.isatty())
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     part.write_text(text, encoding="utf-8")

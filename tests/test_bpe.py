@@ -232,3 +232,25 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
                                                     temperature=0, device="cpu", dtype="fp32",
                                                     tokenizer_path=ranks), io.StringIO())
     assert from_export == ours_text
+
+
+def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import gpt2.bpe
+
+    monkeypatch.setattr(gpt2.bpe, "PROGRESS_S", 0.0)  # a line per chunk read
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i} of a corpus made for this test\n" for i in range(20_000)))
+    data = DataConfig(name="text", path=str(corpus), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="gpt2.bpe"):
+        tok = trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data)
+    size = corpus.stat().st_size
+    lines = [r.getMessage() for r in caplog.records]
+    reading = [line for line in lines if line.startswith("BPE training: read") and "MB/s" in line]
+    assert len(reading) >= size // (1 << 16) and f"of {size / 1e6:,.1f} MB" in reading[0]
+    assert any(f"read {size / 1e6:.1f} MB in" in line and "computing merges" in line for line in lines)
+    assert tok.n_vocab == 512
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt2.bpe"):
+        assert trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
+    assert not any("BPE training" in r.getMessage() for r in caplog.records)  # cached: not trained again
