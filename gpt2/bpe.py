@@ -206,6 +206,11 @@ def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
     tok = HFTokenizer.from_json(text, str(path))
     log.info("Trained BPE tokenizer on %.1f MB in %.1fs: %d tokens -> %s", counter[0] / 1e6, time.time() - t0,
              tok.n_vocab, path)
+    if tok.n_vocab < cfg.vocab_size:
+        log.warning("The BPE has %d ids, not tokenizer.vocab_size=%d: no pair occurs min_frequency=%d times after "
+                    "%d merges (a small corpus). The model's vocab_size follows the tokenizer (%d); set a smaller "
+                    "tokenizer.vocab_size, or a larger train_max_bytes, to make this explicit.", tok.n_vocab,
+                    cfg.vocab_size, cfg.min_frequency, tok.n_vocab - 256 - len(set(cfg.special_tokens)), tok.n_vocab)
     return tok
 
 

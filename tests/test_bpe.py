@@ -254,6 +254,12 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
     with caplog.at_level("INFO", logger="gpt2.bpe"):
         assert trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
     assert not any("BPE training" in r.getMessage() for r in caplog.records)  # cached: not trained again
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpt2.bpe"):  # more ids than the corpus has pairs: said, not hidden
+        short = trained_bpe(TokenizerConfig(name="bpe", vocab_size=60_000, train_max_bytes=None), data)
+    assert short.n_vocab < 60_000
+    assert any(f"has {short.n_vocab} ids, not tokenizer.vocab_size=60000" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_dry_run_plans_the_tokenizer_vocabulary(tmp_path: Path, bpe_cache: Path) -> None:
