@@ -188,6 +188,10 @@ def test_generate_refuses_a_ranks_file_for_a_bpe_checkpoint(bpe_cache: Path, tmp
     line = one_error_line(run_cli("run_generate.py", [f"checkpoint={run}", f"tokenizer_path={tiktoken_file}",
                                                       "device=cpu", "max_new_tokens=2"], tmp_path))
     assert "GPT-2 ranks file" in line and TOKENIZER_FILE in line
+    # resuming the BPE checkpoint with GPT-2's tokenizer: refused before anything is prepared
+    line = one_error_line(run_cli("run_train.py", [*overrides(bpe_cache, "max_steps=2", f"resume={run}"),
+                                                   "tokenizer=gpt2"], tmp_path))
+    assert "tokenizer.name=gpt2 (checkpoint: bpe)" in line and "tokenizer" in line
 
 
 EXPORT_STRINGS = ["ROMEO:\nWhat light through yonder window breaks?", "  two  spaces\tand a tab\r\n", "12345 3.14159",
