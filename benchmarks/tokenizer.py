@@ -7,9 +7,12 @@ trained on the rest at each vocabulary size. Printed per corpus and vocabulary:
 - bytes/token on the held-out slice (higher = fewer tokens for the same text), GPT-2's for reference;
 - BPE training time, and that time extrapolated linearly to 100 MB of training text (an estimate:
   the BPE trainer's cost grows roughly linearly in text once the word counts settle);
-- encoding tokens/s on the held-out slice, one thread, ours (Hugging Face tokenizers) vs tiktoken.
+- encoding tokens/s on the held-out slice, one thread, ours (Hugging Face tokenizers) vs tiktoken;
+- with --scale-mb, BPE training time measured at 10-100 MB of Python sources from this environment's
+  site-packages (16K ids, one thread; 100 MB is tokenizer.train_max_bytes' default), to check the
+  extrapolation.
 
-    python benchmarks/tokenizer.py [--vocabs 4096 8192 16384 32768] [--code-mb 8]
+    python benchmarks/tokenizer.py [--vocabs 4096 8192 16384 32768] [--code-mb 8] [--scale-mb 10 25 50 100]
 """
 
 from __future__ import annotations
@@ -90,6 +93,53 @@ def run_corpus(name: str, docs: list[str], vocabs: list[int], held_out: float, g
     return rows
 
 
+def site_packages_docs(max_mb: float) -> list[str]:
+    """Python files of this environment's installed packages, in path order, up to max_mb MB (a corpus of
+    100+ MB that any machine with this venv has, offline)."""
+    docs, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        docs.append(text)
+        total += len(text.encode())
+        if total >= max_mb * 1e6:
+            break
+    return docs
+
+
+def run_scale(sizes_mb: list[float], vocab: int) -> list[dict]:
+    """BPE training time measured (not extrapolated) at growing corpus sizes, with the process's peak RSS."""
+    import resource
+
+    docs = site_packages_docs(max(sizes_mb))
+    rows = []
+    for mb in sizes_mb:
+        sel, n = [], 0
+        for d in docs:
+            sel.append(d)
+            n += len(d.encode())
+            if n >= mb * 1e6:
+                break
+        t0 = time.perf_counter()
+        train_bpe(iter(chunks(sel)), vocab, 2, ["<|endoftext|>"])
+        seconds = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append({"train_mb": n / 1e6, "vocab": vocab, "train_s": seconds, "s_per_100mb": seconds / (n / 1e8),
+                     "peak_rss_mb": rss})
+        print(f"  scale {n / 1e6:.0f} MB: trained in {seconds:.1f}s", file=sys.stderr)
+    return rows
+
+
+def scale_table(rows: list[dict]) -> str:
+    lines = ["| training text (site-packages .py) | vocab | train s (measured) | s per 100 MB | peak RSS MB (process, "
+             "corpus in memory included) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['train_mb']:.0f} MB | {r['vocab']:,} | {r['train_s']:.1f} | {r['s_per_100mb']:.0f} | "
+              f"{r['peak_rss_mb']:,.0f} |" for r in rows]
+    return "\n".join(lines)
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -110,6 +160,8 @@ def main() -> None:
     parser.add_argument("--vocabs", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of documents held out")
     parser.add_argument("--code-mb", type=float, default=8.0, help="MB of standard-library Python (0 = skip)")
+    parser.add_argument("--scale-mb", type=float, nargs="*", default=[10, 25, 50, 100],
+                        help="also time BPE training (16K ids) on this many MB of site-packages Python (none = skip)")
     parser.add_argument("--cache-dir", default="~/.cache/gpt2")
     parser.add_argument("--json", default="benchmarks/results/tokenizer.json")
     args = parser.parse_args()
@@ -120,8 +172,12 @@ def main() -> None:
         rows += run_corpus("python stdlib", code_docs(args.code_mb), args.vocabs, args.held_out, gpt2)
     print(f"load average {os.getloadavg()[0]:.1f} (shared machine)")
     print(table(rows))
+    scale = run_scale(args.scale_mb, 16384) if args.scale_mb else []
+    if scale:
+        print(f"load average {os.getloadavg()[0]:.1f} (shared machine)")
+        print(scale_table(scale))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "load": os.getloadavg()}, indent=2))
+    Path(args.json).write_text(json.dumps({"rows": rows, "scale": scale, "load": os.getloadavg()}, indent=2))
 
 
 if __name__ == "__main__":
