@@ -149,8 +149,8 @@ def _reading_progress(texts: Iterator[str], counter: list[int], total: int | Non
         if time.time() - last >= PROGRESS_S:
             last = time.time()
             log.info("BPE training: read %.1f%s MB (%.1f MB/s)", counter[0] / 1e6, of, counter[0] / 1e6 / (last - t0))
-    log.info("BPE training: read %.1f MB in %.1fs; counting pairs and computing merges", counter[0] / 1e6,
-             time.time() - t0)
+    log.info("BPE training: read %.1f MB in %.1fs; the trainer finishes counting words, then computes merges",
+             counter[0] / 1e6, time.time() - t0)
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int, special_tokens: Sequence[str],
