@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import tiktoken
 
 from gpt2.config import UserError
@@ -256,22 +255,3 @@ def get_tokenizer(path: str | None = None, cache_dir: str | None = None) -> Toke
         if key not in _CACHE:
             _CACHE[key] = _resolve(path, cache_dir)
         return _CACHE[key]
-
-
-# ------------------------------------------------------- worker side of data.py's pool
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def init_worker(path: str | None, cache_dir: str | None) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = get_tokenizer(path, cache_dir)
-
-
-def encode_to_arrays(texts: list[str]) -> list[np.ndarray]:
-    """Encode each text to a uint16 array (compact to send between processes)."""
-    tok = _WORKER_TOKENIZER or get_tokenizer()
-    return [np.asarray(tok.encode(t), dtype=np.uint16) for t in texts]
-
