@@ -8,33 +8,17 @@ A thin Hydra entry point: it converts the composed config to a typed `EvalRunCon
 
 from __future__ import annotations
 
-import os
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.cli import check_command_line
+from gpt2.cli import check_command_line, fail, run_main
 from gpt2.config import EvalRunConfig, UserError
 from run_train import register_configs
 
 register_configs()
-
-
-def _exit(code: int) -> None:
-    """Exit; under torchrun with os._exit after flushing (gloo can abort during interpreter shutdown)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        os._exit(code)
-    sys.exit(code)
-
-
-def fail(message: str) -> None:
-    """Print a user-facing error and exit 2, without a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    _exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -48,11 +32,9 @@ def main(dcfg: DictConfig) -> None:
     except (UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     except KeyboardInterrupt:
-        _exit(130)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit(0)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
     check_command_line(EvalRunConfig)
-    main()
+    run_main(main)

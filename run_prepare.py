@@ -18,15 +18,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
-from gpt2.cli import check_command_line
+from gpt2.cli import check_command_line, fail
 from run_train import register_configs
 
 CONF = Path(__file__).resolve().parent / "conf"
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def main(overrides: list[str]) -> None:

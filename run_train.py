@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
-from gpt2.cli import check_command_line, fail, remove_unused_run_dir
+from gpt2.cli import check_command_line, fail, remove_unused_run_dir, run_main
 
 STAMP_ENV = "GPT2_RUN_STAMP"
 
@@ -139,28 +139,7 @@ def _main(dcfg: DictConfig) -> float:
     return val_loss
 
 
-def _exit_without_finalizers() -> None:
-    """Run `main` and, in a multi-rank job, leave with `os._exit` once everything is flushed.
-
-    Gloo's C++ threads can abort the process (SIGABRT, "terminate called without an active
-    exception") when Python destroys leftover distributed objects during interpreter shutdown,
-    turning a finished run into a failed one; skipping the finalizers avoids that."""
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-        if isinstance(stop.code, str):
-            print(stop.code, file=sys.stderr)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
     check_command_line(C.TrainConfig)
     _quiet_non_zero_ranks()
-    _exit_without_finalizers()
+    run_main(main)

@@ -36,12 +36,11 @@ def shakespeare_docs(cache_dir: str) -> list[str]:
     return [p.read_text(encoding="utf-8") for p in shakespeare_files(Path(os.path.expanduser(cache_dir)))]
 
 
-def code_docs(max_mb: float) -> list[str]:
-    """Python files of the standard library, in path order, up to max_mb MB."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+def python_docs(root: Path, max_mb: float) -> list[str]:
+    """UTF-8 Python files under root (site-packages left out unless root is one), in path order, up to max_mb MB."""
     docs, total = [], 0
     for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
+        if "site-packages" in path.relative_to(root).parts:
             continue
         try:
             text = path.read_text(encoding="utf-8")
@@ -52,6 +51,11 @@ def code_docs(max_mb: float) -> list[str]:
         if total >= max_mb * 1e6:
             break
     return docs
+
+
+def code_docs(max_mb: float) -> list[str]:
+    """Python files of the standard library, up to max_mb MB."""
+    return python_docs(Path(sysconfig.get_paths()["stdlib"]), max_mb)
 
 
 def chunks(docs: list[str], size: int = 1 << 16) -> list[str]:
@@ -94,19 +98,9 @@ def run_corpus(name: str, docs: list[str], vocabs: list[int], held_out: float, g
 
 
 def site_packages_docs(max_mb: float) -> list[str]:
-    """Python files of this environment's installed packages, in path order, up to max_mb MB (a corpus of
-    100+ MB that any machine with this venv has, offline)."""
-    docs, total = [], 0
-    for path in sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py")):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        docs.append(text)
-        total += len(text.encode())
-        if total >= max_mb * 1e6:
-            break
-    return docs
+    """Python files of this environment's installed packages, up to max_mb MB (a corpus of 100+ MB that any
+    machine with this venv has, offline)."""
+    return python_docs(Path(sysconfig.get_paths()["purelib"]), max_mb)
 
 
 def run_scale(sizes_mb: list[float], vocab: int) -> list[dict]:

@@ -5,10 +5,12 @@ directory checked where Hydra creates it, and a run directory that a failed star
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,6 +42,28 @@ def fail(message: str) -> NoReturn:
         raise SweepJobFailed(f"error: job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def run_main(main: Callable[[], object]) -> NoReturn:
+    """Run an entry point's `main` and exit with its status; in a multi-rank job leave with `os._exit`
+    once everything is flushed.
+
+    Gloo's C++ threads can abort the process (SIGABRT, "terminate called without an active
+    exception") when Python destroys leftover distributed objects during interpreter shutdown,
+    turning a finished run into a failed one; skipping the finalizers avoids that."""
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def conf_groups() -> set[str]:

@@ -552,10 +552,7 @@ class GenerateConfig:
     """Also write the samples to this file; null = print only."""
 
     def check(self) -> None:
-        _require(
-            (self.checkpoint is None) != (self.pretrained is None),
-            "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.",
-        )
+        _one_model_source(self.checkpoint, self.pretrained)
         _positive("max_new_tokens", self.max_new_tokens)
         _positive("num_samples", self.num_samples)
         _require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy).")
@@ -601,10 +598,7 @@ class EvalRunConfig:
     """Also write the results as JSON to this file; null = print only."""
 
     def check(self) -> None:
-        _require(
-            (self.checkpoint is None) != (self.pretrained is None),
-            "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.",
-        )
+        _one_model_source(self.checkpoint, self.pretrained)
         _require(bool(self.tasks), "tasks is empty; give tasks=[val_loss,hellaswag] or one of them.")
         for task in self.tasks:
             _choice("tasks", task, ("val_loss", "hellaswag"))
@@ -618,6 +612,12 @@ class EvalRunConfig:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _one_model_source(checkpoint: str | None, pretrained: str | None) -> None:
+    """Generation and evaluation read exactly one model: a checkpoint or a pretrained one."""
+    _require((checkpoint is None) != (pretrained is None),
+             "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.")
 
 
 def to_dict(obj: Any) -> Any:

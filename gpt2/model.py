@@ -19,6 +19,17 @@ from torch import Tensor
 from gpt2.config import ModelConfig, UserError
 
 
+def _cache_buffers(cfg: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str,
+                   dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Zeroed key and value buffers (L, B, nh, max_len, hs) for a decoding cache of max_len tokens."""
+    if max_len > cfg.n_positions:
+        raise UserError(f"KV cache length {max_len} exceeds n_positions={cfg.n_positions}; use at most "
+                        f"{cfg.n_positions} tokens (prompt + new tokens).")
+    hs = cfg.n_embd // cfg.n_head
+    shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
+    return torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+
+
 class KVCache:
     """Static key/value cache for decoding: one preallocated (B, nh, max_len, hs) tensor pair per layer.
 
@@ -28,13 +39,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str,
                  dtype: torch.dtype) -> None:
-        if max_len > cfg.n_positions:
-            raise UserError(f"KV cache length {max_len} exceeds n_positions={cfg.n_positions}; use at most "
-                            f"{cfg.n_positions} tokens (prompt + new tokens).")
-        hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = _cache_buffers(cfg, batch_size, max_len, device=device, dtype=dtype)
         self.batch_size = batch_size
         self.max_len = max_len
         self.pos = 0
@@ -70,13 +75,7 @@ class StaticKVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, device: torch.device | str,
                  dtype: torch.dtype) -> None:
-        if max_len > cfg.n_positions:
-            raise UserError(f"KV cache length {max_len} exceeds n_positions={cfg.n_positions}; use at most "
-                            f"{cfg.n_positions} tokens (prompt + new tokens).")
-        hs = cfg.n_embd // cfg.n_head
-        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hs)  # (L, B, nh, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = _cache_buffers(cfg, batch_size, max_len, device=device, dtype=dtype)
         self.causal = torch.ones(max_len, max_len, dtype=torch.bool, device=device).tril()  # (max_len, max_len)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)  # (T,)
         self.attn_mask = self.causal[self.input_pos]  # (T, max_len), set by GPT.forward
