@@ -119,6 +119,7 @@ def _main(dcfg: DictConfig) -> float:
             print(dry_run(cfg, output_dir))
         except C.UserError as err:
             fail(str(err))
+        remove_unused_run_dir(output_dir)  # a dry run leaves no run directory behind
         return math.nan
     try:
         val_loss = train(cfg, output_dir)
