@@ -128,6 +128,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
+            if self.device.type == "cuda":  # pinned host memory: the copy overlaps with the GPU's work
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             loss_sum += self.forward_backward_step(x, y, sync=micro == self.grad_accum - 1)
         loss = all_reduce_mean(loss_sum).item()  # checked before the optimizer step (as torchtitan does)

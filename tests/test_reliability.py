@@ -276,6 +276,19 @@ def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_moun
     assert snapshot(tmp_path) == before
 
 
+def test_eval_output_file_is_checked_before_loading(tmp_path: Path) -> None:
+    from gpt2.config import EvalRunConfig, UserError
+    from gpt2.evals.runner import run_evals
+
+    (tmp_path / "a_file").write_text("keep\n")
+    before = snapshot(tmp_path)
+    missing = str(tmp_path / "no-such-run")  # an output_file error proves the check comes before loading
+    for target, needle in ((tmp_path, "is a directory"), (tmp_path / "a_file" / "res.json", "is not a directory")):
+        with pytest.raises(UserError, match=re.escape(f"output_file={target}") + ".*" + needle):
+            run_evals(EvalRunConfig(checkpoint=missing, tasks=["hellaswag"], output_file=str(target)))
+    assert snapshot(tmp_path) == before
+
+
 @pytest.mark.slow
 def test_generate_checkpoint_that_is_not_one_has_its_own_wording(tmp_path: Path) -> None:
     not_ckpt = tmp_path / "notes.txt"

@@ -7,9 +7,7 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
@@ -17,6 +15,7 @@ import torch
 from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TokenizerConfig, TrainConfig, UserError, from_dict
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
+from gpt2.runlog import check_output_file, write_text_atomic
 from gpt2.shards import TokenStream
 
 
@@ -106,21 +105,6 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: str, payload: dict[str, Any]) -> None:
-    """Atomically: a temporary file in the same folder, then rename."""
-    dest = Path(path).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run cfg.tasks on the model named by cfg; every rank returns the same results, rank 0 prints."""
     from gpt2.bpe import for_inference
@@ -131,6 +115,7 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     from gpt2.generate import load_model
 
     cfg.check()
+    output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dist = init_distributed(DistributedConfig(name="ddp" if world_size > 1 else "none"), cfg.device)
     try:
@@ -158,8 +143,8 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
         if dist.is_main:
             out.write(format_table(results) + "\n")
             out.flush()
-            if cfg.output_file:
-                _write_json(cfg.output_file, payload)
+            if output_file is not None:
+                write_text_atomic(output_file, json.dumps(payload, indent=2) + "\n")
         return payload
     finally:
         cleanup()
