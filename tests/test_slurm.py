@@ -220,10 +220,16 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
             state = _squeue_state(name)
             if state is None or state[1] == "PD":  # None: between requeue states, or squeue was busy
                 subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+                subprocess.run(["scontrol", "release", job_id], capture_output=True)  # in case it was held
                 return False
             return True
 
-        _wait_for("the requeued job to start again", restarted, 90, proc)
+        try:
+            _wait_for("the requeued job to start again", restarted, 150, proc)
+        except AssertionError as err:  # say why SLURM kept it back
+            show = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+            nodes = subprocess.run(["sinfo", "-N", "-o", "%N %T %C %E"], capture_output=True, text=True).stdout
+            raise AssertionError(f"{err}\n{show}\n{nodes}") from None
         assert proc.wait(timeout=180) == 0, (tmp_path / "sweep.log").read_text()
     job_dir = the_sweep_dir(tmp_path) / "0"
     logs = submitit_logs(job_dir.parent)
