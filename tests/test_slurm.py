@@ -214,13 +214,18 @@ def test_signalled_job_checkpoints_requeues_and_resumes(data_overrides: list[str
         # short, again while it stays pending (an update during the requeue itself may not stick).
         _wait_for("the requeued job", lambda: (_squeue_state(name) or ("", ""))[1] == "PD", 60, proc)
 
+        pending_since: list[float] = []
+
         def restarted() -> bool:
             if proc.poll() is not None:  # it already ran to the end
                 return True
             state = _squeue_state(name)
             if state is None or state[1] == "PD":  # None: between requeue states, or squeue was busy
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
-                subprocess.run(["scontrol", "release", job_id], capture_output=True)  # in case it was held
+                pending_since.append(time.monotonic())
+                # Nudge only once the cancelled run's step has had time to end (srun waits up to 12 s):
+                # a restart in the same second raced with it and the relaunched job failed at once.
+                if pending_since[-1] - pending_since[0] >= 15:
+                    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
                 return False
             return True
 
