@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import bisect
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpt2.config import UserError
+from gpt2.tokenizer import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +237,8 @@ class ShardWriter:
         os.fsync(self.f.fileno())
         self.f.close()
         self.f = None
-        h = hashlib.sha256()
-        with open(self.folder / self._file(), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        self.shards.append({"file": self._file(), "n_tokens": self.current, "sha256": h.hexdigest()})
+        self.shards.append({"file": self._file(), "n_tokens": self.current,
+                            "sha256": sha256_file(self.folder / self._file())})
         log.info("finished shard %s (%d tokens)", self.shards[-1]["file"], self.current)
         self.current = 0
 

@@ -11,7 +11,6 @@ split over ranks (see gpt2.evals.batching).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -27,6 +26,7 @@ from torch import nn
 
 from gpt2.config import UserError
 from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches, world
+from gpt2.tokenizer import sha256_file
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
@@ -76,14 +76,6 @@ def default_path(cache_dir: str | os.PathLike[str]) -> Path:
     return Path(cache_dir).expanduser() / "hellaswag" / "hellaswag_val.jsonl"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(cache_dir: str | os.PathLike[str], url: str = VAL_URL, timeout: float = 30.0) -> Path:
     """The official validation file in `<cache_dir>/hellaswag/`, downloaded once and sha256-checked."""
     dest = default_path(cache_dir)
@@ -97,7 +89,7 @@ def download(cache_dir: str | os.PathLike[str], url: str = VAL_URL, timeout: flo
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
             while chunk := resp.read(1 << 20):
                 f.write(chunk)
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(tmp)
         if digest != VAL_SHA256:
             raise UserError(f"{url} has sha256 {digest}, expected {VAL_SHA256}; the file changed or the download "
                             f"is corrupt. {how}.")
