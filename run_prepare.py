@@ -37,7 +37,7 @@ def main(overrides: list[str]) -> None:
     except (C.UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
-    from gpt2.data import prepare_data
+    from gpt2.data.prepare import prepare_data
 
     try:
         prepared = prepare_data(cfg.data, tokenizer=cfg.tokenizer)

@@ -2,7 +2,7 @@
 
 This file is the only place (with run_generate.py) that imports Hydra. It registers
 the dataclass schemas, agrees on one run directory across torchrun ranks, converts the
-composed config to a typed `TrainConfig`, validates it, and calls `gpt2.train.train`.
+composed config to a typed `TrainConfig`, validates it, and calls `gpt2.train.train.train`.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def main(dcfg: DictConfig) -> float:
 
 
 def _main(dcfg: DictConfig) -> float:
-    from gpt2.train import train
-    from gpt2.trainer import TrainingInterrupted
+    from gpt2.train.train import train
+    from gpt2.train.trainer import TrainingInterrupted
 
     try:
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
@@ -113,7 +113,7 @@ def _main(dcfg: DictConfig) -> float:
         fail(str(err))
     output_dir = HydraConfig.get().runtime.output_dir
     if cfg.dry_run:
-        from gpt2.plan import dry_run
+        from gpt2.train.plan import dry_run
 
         try:
             print(dry_run(cfg, output_dir))
@@ -124,7 +124,7 @@ def _main(dcfg: DictConfig) -> float:
     try:
         val_loss = train(cfg, output_dir)
     except TrainingInterrupted as stop:
-        from gpt2.slurm import requeue_submitit_job
+        from gpt2.runtime.slurm import requeue_submitit_job
 
         try:  # in a submitit SLURM job rank 0 requeues it (same job dir; resume=auto continues)
             requeue_submitit_job()

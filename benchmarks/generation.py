@@ -1,4 +1,4 @@
-"""Generation speed: `gpt2.generate.generate` (KV cache) vs Hugging Face `GPT2LMHeadModel.generate`.
+"""Generation speed: `gpt2.generate.sampling.generate` (KV cache) vs Hugging Face `GPT2LMHeadModel.generate`.
 
 124M shape, random weights (ours, copied into the HF model so greedy tokens can be compared), batch 1,
 a 16-token prompt, 200 new tokens, greedy, no EOS stop. Runs alternate between the variants and
@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 
-from gpt2.device import DTYPES
-from gpt2.device import autocast as device_autocast
-from gpt2.generate import generate
-from gpt2.model import GPT
-from gpt2.presets import model_preset
-from gpt2.pretrained import gpt_to_hf, hf_config_dict
+from gpt2.generate.sampling import generate
+from gpt2.model.gpt import GPT
+from gpt2.model.hf import gpt_to_hf, hf_config_dict
+from gpt2.model.presets import model_preset
+from gpt2.runtime.device import DTYPES
+from gpt2.runtime.device import autocast as device_autocast
 
 
 def build_models(preset: str, device: torch.device) -> tuple[GPT, Any]:

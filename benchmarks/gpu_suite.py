@@ -40,12 +40,12 @@ import torch
 from common import ROOT, environment, fmt, markdown_table, write_json
 
 from gpt2.config import ModelConfig
-from gpt2.decode import release_graphs
-from gpt2.generate import generate
-from gpt2.model import GPT
-from gpt2.presets import model_preset
-from gpt2.pretrained import gpt_to_hf, hf_config_dict
-from gpt2.runlog import detect_peak_flops
+from gpt2.generate.decoders import release_graphs
+from gpt2.generate.sampling import generate
+from gpt2.model.gpt import GPT
+from gpt2.model.hf import gpt_to_hf, hf_config_dict
+from gpt2.model.presets import model_preset
+from gpt2.train.metrics import detect_peak_flops
 
 START = time.perf_counter()
 

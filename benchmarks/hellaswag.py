@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 
-from gpt2.device import autocast, resolve_precision
 from gpt2.evals import hellaswag
-from gpt2.model import GPT
-from gpt2.presets import model_preset
+from gpt2.model.gpt import GPT
+from gpt2.model.presets import model_preset
+from gpt2.runtime.device import autocast, resolve_precision
 
 FULL = hellaswag.VAL_ITEMS
 
@@ -61,7 +61,7 @@ def main() -> None:
     model = GPT(model_preset(args.preset)).to(device).eval()
     scored_model: Any = torch.compile(model, dynamic=True) if args.compile else model
     if args.path:
-        from gpt2.tokenizer import get_tokenizer
+        from gpt2.tokenizers.gpt2 import get_tokenizer
 
         items = hellaswag.render(hellaswag.load_items(args.path, args.items), get_tokenizer().encode_batch,
                                  model.cfg.n_positions)

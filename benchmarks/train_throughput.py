@@ -4,8 +4,8 @@ Both sides train the same shape (random weights, random tokens, dropout 0) at th
 (autocast), with or without torch.compile, in one process. Steps alternate ours / HF so that load
 from other processes hits both alike; tokens/s is the median over the timed steps after warm-up.
 
-Ours is exactly what training runs: `gpt2.trainer.Trainer.train_step` (lr schedule, autocast forward +
-backward, foreach grad-norm clip, AdamW from `gpt2.optim.build_optimizer` -- fused where supported).
+Ours is exactly what training runs: `gpt2.train.trainer.Trainer.train_step` (lr schedule, autocast forward +
+backward, foreach grad-norm clip, AdamW from `gpt2.train.optim.build_optimizer` -- fused where supported).
 HF is the usual loop: `model(input_ids, labels=...)`, backward, `clip_grad_norm_`, `torch.optim.AdamW`
 with its defaults (not fused), `zero_grad`.
 
@@ -31,13 +31,13 @@ import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 
 from gpt2.config import ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
-from gpt2.device import DTYPES, autocast, set_tf32
-from gpt2.distributed import DistInfo
-from gpt2.model import GPT
-from gpt2.optim import build_optimizer
-from gpt2.presets import model_preset
-from gpt2.runlog import detect_peak_flops
-from gpt2.trainer import Trainer
+from gpt2.model.gpt import GPT
+from gpt2.model.presets import model_preset
+from gpt2.runtime.device import DTYPES, autocast, set_tf32
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.metrics import detect_peak_flops
+from gpt2.train.optim import build_optimizer
+from gpt2.train.trainer import Trainer
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
         print(f"error: {key}={path} cannot be used as the run directory: {reason} ({err.filename or path}); "
               f"choose a writable folder, e.g. {key}=outputs/my-run", file=sys.stderr, flush=True)
         sys.exit(2)
-    from gpt2.runlog import RUN_FILES, symlink_refusal
+    from gpt2.train.metrics import RUN_FILES, symlink_refusal
 
     for name in RUN_FILES:  # Hydra itself would follow a planted train.log or .hydra link
         if (path / name).is_symlink():

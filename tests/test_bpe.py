@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.bpe import TOKENIZER_FILE, HFTokenizer, load_tokenizer, trained_bpe
-from gpt2.checkpoint_store import find_latest, read_meta
+from gpt2.checkpoint.format import find_latest, read_meta
 from gpt2.config import DataConfig, GenerateConfig, TokenizerConfig, UserError
-from gpt2.data import prepare_data, shakespeare_files
-from gpt2.generate import generate_samples
-from gpt2.train import train
+from gpt2.data.prepare import prepare_data, shakespeare_files
+from gpt2.generate.sampling import generate_samples
+from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer, load_tokenizer, trained_bpe
+from gpt2.train.train import train
 
 from .helpers import REPO, compose_train, subprocess_env
 
@@ -105,7 +105,7 @@ def test_tiny_model_trains_checkpoints_resumes_and_generates(bpe_tok: HFTokenize
     [text] = generate_samples(cfg, out)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     # the same ids decoded by hand with the checkpoint's tokenizer.json
-    from gpt2.generate import load_model
+    from gpt2.generate.sampling import load_model
 
     model = load_model(str(run))
     ids = bpe_tok.encode("ROMEO:")
@@ -203,8 +203,8 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
                                              tmp_path: Path) -> None:
     import transformers
 
-    from gpt2.bpe import for_inference
-    from gpt2.export import export_checkpoint
+    from gpt2.checkpoint.export import export_checkpoint
+    from gpt2.tokenizers.bpe import for_inference
 
     run = tmp_path / "run"
     steps = ["max_steps=2", "eval_interval=0", "eval_iters=1", "sample_tokens=4", "total_batch_tokens=256",
@@ -240,13 +240,13 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
 
 def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    import gpt2.bpe
+    import gpt2.tokenizers.bpe
 
-    monkeypatch.setattr(gpt2.bpe, "PROGRESS_S", 0.0)  # a line per chunk read
+    monkeypatch.setattr(gpt2.tokenizers.bpe, "PROGRESS_S", 0.0)  # a line per chunk read
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"line {i} of a corpus made for this test\n" for i in range(20_000)))
     data = DataConfig(name="text", path=str(corpus), cache_dir=str(tmp_path / "cache"))
-    with caplog.at_level("INFO", logger="gpt2.bpe"):
+    with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):
         tok = trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data)
     size = corpus.stat().st_size
     lines = [r.getMessage() for r in caplog.records]
@@ -255,11 +255,11 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
     assert any(f"read {size / 1e6:.1f} MB in" in line and "computes merges" in line for line in lines)
     assert tok.n_vocab == 512
     caplog.clear()
-    with caplog.at_level("INFO", logger="gpt2.bpe"):
+    with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):
         assert trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
     assert not any("BPE training" in r.getMessage() for r in caplog.records)  # cached: not trained again
     caplog.clear()
-    with caplog.at_level("INFO", logger="gpt2.bpe"):  # more ids than the corpus has pairs: said, not hidden
+    with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):  # more ids than the corpus has pairs: said, not hidden
         short = trained_bpe(TokenizerConfig(name="bpe", vocab_size=60_000, train_max_bytes=None), data)
     assert short.n_vocab < 60_000
     assert any(f"has {short.n_vocab} ids, not tokenizer.vocab_size=60000" in r.getMessage()
@@ -267,7 +267,7 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
 
 
 def test_dry_run_plans_the_tokenizer_vocabulary(tmp_path: Path, bpe_cache: Path) -> None:
-    from gpt2.plan import dry_run
+    from gpt2.train.plan import dry_run
 
     text = dry_run(compose_train(overrides(bpe_cache)), tmp_path)
     plan = text.split("# run plan (derived)")[1]

@@ -27,11 +27,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from gpt2.checkpoint_store import find_latest, load_model_state, read_meta, resolve_checkpoint  # noqa: E402
+from gpt2.checkpoint.format import find_latest, load_model_state, read_meta, resolve_checkpoint  # noqa: E402
+from gpt2.checkpoint.io import load_checkpoint, save_checkpoint  # noqa: E402
 from gpt2.config import UserError  # noqa: E402
-from gpt2.preemption import PreemptionHandler  # noqa: E402
-from gpt2.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from gpt2.train.preemption import PreemptionHandler  # noqa: E402
+from gpt2.train.rng import capture_rng_state, restore_rng_state  # noqa: E402
 from tests.workers.tiny_lm import make, train_step  # noqa: E402
 
 WORKERS = REPO / "tests" / "workers" / "checkpoint_workers.py"
@@ -459,8 +459,8 @@ def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint
     """Kill the save loop at random moments (mostly inside retention's slow deletion of the previous
     checkpoint): no ``step_*`` dir with COMPLETE may ever miss a file, and a manager started on the
     dir afterwards removes the half-deleted leftovers."""
-    from gpt2.checkpoint import CheckpointManager
-    from gpt2.checkpoint_store import STEP_DIR
+    from gpt2.checkpoint.format import STEP_DIR
+    from gpt2.checkpoint.io import CheckpointManager
     from gpt2.config import CheckpointConfig
 
     worker = REPO / "tests" / "workers" / "retention_loop.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt2 import config as C
-from gpt2.model import GPT
+from gpt2.model.gpt import GPT
 
 from .helpers import CONF, REPO, compose_train, subprocess_env
 
@@ -45,7 +45,7 @@ def test_every_group_option_composes_and_validates(group: str) -> None:
 
 
 def test_presets_are_the_model_yaml_files() -> None:
-    from gpt2.presets import HUB_MODELS, model_preset, preset_for, preset_names
+    from gpt2.model.presets import HUB_MODELS, model_preset, preset_for, preset_names
 
     assert set(preset_names()) == {p.stem for p in (CONF / "model").glob("*.yaml")} >= set(HUB_MODELS)
     for name in preset_names():

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2 import encoding as E
-from gpt2 import sources as S
 from gpt2.config import DataConfig, UserError
-from gpt2.data import PreparedData, prepare_data
-from gpt2.loader import TokenLoader
-from gpt2.shards import TokenStream, write_shard
-from gpt2.tokenizer import get_tokenizer
+from gpt2.data.loader import TokenLoader
+from gpt2.data.prepare import PreparedData, prepare_data
+from gpt2.data.prepare import encoding as E
+from gpt2.data.prepare import sources as S
+from gpt2.data.shards import TokenStream, write_shard
+from gpt2.tokenizers.gpt2 import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = 50256
@@ -173,7 +173,7 @@ def test_hf_local_jsonl(tmp_path: Path, tiktoken_file: str) -> None:
 def test_hf_hub_name_offline_is_a_user_error(tmp_path: Path, tiktoken_file: str) -> None:
     code = (
         "from gpt2.config import DataConfig, UserError\n"
-        "from gpt2.data import prepare_data\n"
+        "from gpt2.data.prepare import prepare_data\n"
         "try:\n"
         f"    prepare_data(DataConfig(name='hf', path='someone/some-dataset', cache_dir={str(tmp_path)!r},"
         f" tokenizer_path={tiktoken_file!r}))\n"

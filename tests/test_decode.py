@@ -1,4 +1,4 @@
-"""gpt2.decode: the graph-ready decode path (StaticKVCache: position tensor, masked attention over the whole
+"""gpt2.generate.decoders: the graph-ready decode path (StaticKVCache: position tensor, masked attention over the whole
 cache) runs on CPU and gives the same tokens as the eager path and as HF `generate`; CUDA-graph capture
 runs where CUDA is available and is skipped cleanly elsewhere."""
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gpt2.config import UserError
-from gpt2.decode import decoder_for, release_graphs, resolve_mode
-from gpt2.generate import generate
-from gpt2.model import GPT
+from gpt2.generate.decoders import decoder_for, release_graphs, resolve_mode
+from gpt2.generate.sampling import generate
+from gpt2.model.gpt import GPT
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,7 +24,7 @@ SAMPLING = {"greedy": dict(temperature=0.0), "seeded": dict(temperature=0.9, top
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, object]:
     """A tiny random GPT-2 (512-token vocabulary) in transformers and the same weights in ours."""
-    from gpt2.pretrained import load_pretrained
+    from gpt2.model.hf import load_pretrained
 
     torch.manual_seed(0)
     path: Path = tmp_path_factory.mktemp("tiny_hf")

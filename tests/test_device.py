@@ -1,4 +1,4 @@
-"""gpt2.device: the one precision-name -> dtype table, autocast contexts, the fp16 scaler."""
+"""gpt2.runtime.device: the one precision-name -> dtype table, autocast contexts, the fp16 scaler."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt2.config import UserError
-from gpt2.device import DTYPES, autocast, grad_scaler, resolve_device, resolve_dtype, resolve_precision
+from gpt2.runtime.device import DTYPES, autocast, grad_scaler, resolve_device, resolve_dtype, resolve_precision
 
 CPU = torch.device("cpu")
 

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from gpt2.config import ModelConfig, TrainConfig, UserError
-from gpt2.distributed import DistInfo
+from gpt2.data.shards import write_shard
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows
-from gpt2.model import GPT
-from gpt2.optim import build_optimizer
-from gpt2.pretrained import gpt_to_hf
-from gpt2.runlog import read_metrics
-from gpt2.shards import write_shard
-from gpt2.trainer import Trainer
+from gpt2.model.gpt import GPT
+from gpt2.model.hf import gpt_to_hf
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.metrics import read_metrics
+from gpt2.train.optim import build_optimizer
+from gpt2.train.trainer import Trainer
 
 from .helpers import REPO, compose_train, subprocess_env
 
@@ -113,8 +113,8 @@ def easy_hard(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT, Path, np.n
 
 
 def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -> Trainer:
-    from gpt2.loader import TokenLoader
-    from gpt2.shards import TokenStream
+    from gpt2.data.loader import TokenLoader
+    from gpt2.data.shards import TokenStream
 
     cfg: TrainConfig = compose_train(["model=tiny", "model.n_positions=64", "block_size=32", "micro_batch_size=4",
                                       "total_batch_tokens=128", "device=cpu", "precision=fp32", "logger=none",
@@ -202,7 +202,7 @@ def hf_scores(hf: transformers.GPT2LMHeadModel, enc, items: list[dict], n_positi
 
 @pytest.mark.slow
 def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path: Path, tiktoken_file: str) -> None:
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_positions=64)
@@ -278,7 +278,7 @@ def predictable_items(n: int, seed: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def hellaswag_run(tmp_path_factory: pytest.TempPathFactory, gpt2_cache: Path, tiktoken_file: str) -> dict:
     """A tiny model trained on the word cycle, with HellaSwag on predictable items during training."""
-    from gpt2.train import train
+    from gpt2.train.train import train
 
     root = tmp_path_factory.mktemp("hs_run")
     corpus = root / "corpus"
@@ -374,8 +374,8 @@ def test_two_gloo_ranks_give_exactly_the_single_process_result(hellaswag_run: di
 def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, tiktoken_file: str) -> None:
     from gpt2.config import EvalRunConfig, HellaSwagConfig
     from gpt2.evals.runner import run_evals
-    from gpt2.pretrained import export_hf
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.model.hf import export_hf
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     torch.manual_seed(1)
     model = GPT(ModelConfig(n_positions=64)).eval()

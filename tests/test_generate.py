@@ -1,4 +1,4 @@
-"""gpt2.generate and run_generate.py: KV-cached sampling vs full recompute and HF, the CLI in a subprocess."""
+"""gpt2.generate.sampling and run_generate.py: KV-cached sampling vs full recompute and HF, the CLI in a subprocess."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gpt2.config import GenerateConfig, ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.generate import _Streamer, generate, generate_samples, sample_next
-from gpt2.model import GPT
+from gpt2.generate.sampling import _Streamer, generate, generate_samples, sample_next
+from gpt2.model.gpt import GPT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_cached_sampling_equals_full_recompute(kw: dict) -> None:
 def test_greedy_equals_hf_generate(hf_dir: Path) -> None:
     import transformers
 
-    from gpt2.pretrained import load_pretrained
+    from gpt2.model.hf import load_pretrained
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     ours = load_pretrained(str(hf_dir))
@@ -106,7 +106,7 @@ def test_eos_on_token_and_limits() -> None:
 
 
 def test_streamer_holds_partial_utf8(ranks_file: str) -> None:
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     tok = get_tokenizer(ranks_file)
     text = "naïve 🤖 says 你好!"
@@ -171,7 +171,7 @@ def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path) -> None:
-    from gpt2.checkpoint import save_checkpoint
+    from gpt2.checkpoint.io import save_checkpoint
 
     model = tiny_model(vocab_size=50257)
     run_dir = tmp_path / "run"
@@ -183,7 +183,7 @@ def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path
     ok = run_generate([f"checkpoint={run_dir}", f"tokenizer_path={ranks_file}", "prompt=ROMEO:", "max_new_tokens=8",
                        "temperature=0"], work)
     assert ok.returncode == 0, ok.stderr
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     tok = get_tokenizer(ranks_file)
     ids = generate(model, torch.tensor([tok.encode("ROMEO:")]), 8, temperature=0.0)

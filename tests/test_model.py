@@ -1,4 +1,4 @@
-"""gpt2.model: parameter counts, init, causality, KV cache, loss, errors."""
+"""gpt2.model.gpt: parameter counts, init, causality, KV cache, loss, errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.config import ModelConfig, UserError
-from gpt2.model import GPT, model_from_state_dict
-from gpt2.presets import model_preset
+from gpt2.model.gpt import GPT, model_from_state_dict
+from gpt2.model.presets import model_preset
 
 
 def tiny(**kw) -> ModelConfig:

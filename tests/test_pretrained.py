@@ -1,4 +1,4 @@
-"""gpt2.pretrained and gpt2.export against a tiny random transformers.GPT2LMHeadModel (no download)."""
+"""gpt2.model.hf and gpt2.checkpoint.export against a tiny random transformers.GPT2LMHeadModel (no download)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.model import GPT
-from gpt2.pretrained import export_hf, gpt_to_hf, hf_to_gpt, load_pretrained, model_config_from_hf
+from gpt2.model.gpt import GPT
+from gpt2.model.hf import export_hf, gpt_to_hf, hf_to_gpt, load_pretrained, model_config_from_hf
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_unsupported_hf_config_and_bad_names(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
-    code = ("from gpt2.config import UserError\nfrom gpt2.pretrained import load_pretrained\n"
+    code = ("from gpt2.config import UserError\nfrom gpt2.model.hf import load_pretrained\n"
             "try:\n    load_pretrained('gpt2-medium')\nexcept UserError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -142,7 +142,7 @@ def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
-    from gpt2.checkpoint import save_checkpoint
+    from gpt2.checkpoint.io import save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=50257, pad_vocab_multiple=64)
@@ -153,7 +153,7 @@ def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
                     keep_last=2, keep_best=False, sharded=False)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "gpt2.export", str(run_dir), str(out)], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "gpt2.checkpoint.export", str(run_dir), str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"wrote {out / 'config.json'}" in proc.stdout
@@ -161,7 +161,7 @@ def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(out, idx), model(idx).logits)
 
-    proc = subprocess.run([sys.executable, "-m", "gpt2.export", str(tmp_path / "nope"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "gpt2.checkpoint.export", str(tmp_path / "nope"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

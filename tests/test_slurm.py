@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.runlog import read_metrics
-from gpt2.slurm import device_index, init_slurm_env
+from gpt2.runtime.slurm import device_index, init_slurm_env
+from gpt2.train.metrics import read_metrics
 
 from .helpers import REPO, subprocess_env
 

@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from gpt2.autobatch import candidate_sizes, fits_in_memory, largest_fitting, resolve_micro_batch_size
 from gpt2.config import ConfigError, ModelConfig, PrecisionConfig, TrainConfig, UserError, to_dict, validate
-from gpt2.device import autocast
-from gpt2.distributed import DistInfo
-from gpt2.generate import generate
-from gpt2.model import GPT, model_from_state_dict
-from gpt2.optim import build_optimizer
-from gpt2.pretrained import gpt_to_hf
-from gpt2.train import build_data, train
-from gpt2.trainer import Trainer
+from gpt2.generate.sampling import generate
+from gpt2.model.gpt import GPT, model_from_state_dict
+from gpt2.model.hf import gpt_to_hf
+from gpt2.runtime.device import autocast
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.autobatch import candidate_sizes, fits_in_memory, largest_fitting, resolve_micro_batch_size
+from gpt2.train.optim import build_optimizer
+from gpt2.train.train import build_data, train
+from gpt2.train.trainer import Trainer
 
 from .helpers import compose_train, run_train_cli
 
@@ -70,8 +70,8 @@ def test_loss_matches_the_upcast_reference(precision: str, pad: int) -> None:
 
 
 def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
-    from gpt2.checkpoint import save_checkpoint
-    from gpt2.checkpoint_store import load_weights
+    from gpt2.checkpoint.format import load_weights
+    from gpt2.checkpoint.io import save_checkpoint
 
     padded, plain = twins()
     assert padded.transformer.wte.weight.shape == (128, 64)

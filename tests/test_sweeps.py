@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gpt2.runlog import read_metrics
+from gpt2.train.metrics import read_metrics
 
 from .helpers import REPO, subprocess_env
 

@@ -10,7 +10,7 @@ import pytest
 import tiktoken
 
 from gpt2.config import UserError
-from gpt2.tokenizer import PAT_STR, R50K_URL, get_tokenizer
+from gpt2.tokenizers.gpt2 import PAT_STR, R50K_URL, get_tokenizer
 
 TEXTS = [
     "Hello world",

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from gpt2.config import TrainConfig
-from gpt2.device import DTYPES
-from gpt2.distributed import DistInfo
-from gpt2.model import GPT
-from gpt2.optim import build_optimizer
-from gpt2.runlog import read_metrics
-from gpt2.train import build_data, train
-from gpt2.trainer import Trainer
+from gpt2.model.gpt import GPT
+from gpt2.runtime.device import DTYPES
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.metrics import read_metrics
+from gpt2.train.optim import build_optimizer
+from gpt2.train.train import build_data, train
+from gpt2.train.trainer import Trainer
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
 
@@ -141,7 +141,7 @@ def test_mixed_precision_on_cpu(tmp_path: Path, base_overrides: list[str], preci
 
 @pytest.mark.slow  # CPU fp16 is emulated: ~10 s
 def test_fp16_stops_after_max_skipped_steps(tmp_path: Path, base_overrides: list[str]) -> None:
-    from gpt2.trainer import TrainingDiverged
+    from gpt2.train.trainer import TrainingDiverged
 
     cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "total_batch_tokens=256",
                          "precision=fp16", "optimizer.lr=1e30", "scheduler.warmup_steps=0",
@@ -189,7 +189,7 @@ def test_cli_run_dir_layout(tmp_path: Path, base_overrides: list[str]) -> None:
 def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overrides: list[str]) -> None:
     import copy
 
-    from gpt2.checkpoint_store import read_meta
+    from gpt2.checkpoint.format import read_meta
 
     cfg = compose_train([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=8", "precision=auto", "max_steps=2",
                          "eval_interval=0"])
@@ -223,8 +223,8 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrid
 
 def test_eval_sample_uses_the_configured_temperature_and_top_k(tmp_path: Path, base_overrides: list[str],
                                                                tiktoken_file: str) -> None:
-    from gpt2.generate import generate
-    from gpt2.tokenizer import get_tokenizer
+    from gpt2.generate.sampling import generate
+    from gpt2.tokenizers.gpt2 import get_tokenizer
 
     tok = get_tokenizer(tiktoken_file)
     texts = {}

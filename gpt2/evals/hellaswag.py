@@ -26,7 +26,7 @@ from torch import nn
 
 from gpt2.config import UserError
 from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches, world
-from gpt2.tokenizer import sha256_file
+from gpt2.tokenizers.gpt2 import sha256_file
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"

@@ -13,17 +13,17 @@ from typing import Any, TextIO
 import torch
 
 from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TokenizerConfig, TrainConfig, UserError, from_dict
+from gpt2.data.shards import TokenStream
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
-from gpt2.runlog import check_output_file, write_text_atomic
-from gpt2.shards import TokenStream
+from gpt2.train.metrics import check_output_file, write_text_atomic
 
 
 def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
     """The training config saved with the checkpoint (None for a pretrained model)."""
     if cfg.checkpoint is None:
         return None
-    from gpt2.checkpoint_store import read_meta, resolve_checkpoint
+    from gpt2.checkpoint.format import read_meta, resolve_checkpoint
 
     saved = read_meta(resolve_checkpoint(cfg.checkpoint)).get("config") or {}
     return from_dict(TrainConfig, saved)
@@ -32,8 +32,8 @@ def _train_config(cfg: EvalRunConfig) -> TrainConfig | None:
 def _tokenizer_config(cfg: EvalRunConfig, train_cfg: TrainConfig | None) -> TokenizerConfig:
     """The tokenizer a val split is encoded with: the checkpoint's own tokenizer.json (our BPE), else GPT-2's."""
     if cfg.checkpoint is not None:
-        from gpt2.bpe import TOKENIZER_FILE
-        from gpt2.checkpoint_store import read_meta, resolve_checkpoint
+        from gpt2.checkpoint.format import read_meta, resolve_checkpoint
+        from gpt2.tokenizers.bpe import TOKENIZER_FILE
 
         ckpt = resolve_checkpoint(cfg.checkpoint)
         if (read_meta(ckpt).get("tokenizer") or {}).get("kind") == "hf":
@@ -45,7 +45,7 @@ def _tokenizer_config(cfg: EvalRunConfig, train_cfg: TrainConfig | None) -> Toke
 
 def open_val_split(data: DataConfig, tokenizer: TokenizerConfig | None = None) -> TokenStream:
     """The prepared val split of `data` as one token stream over its shards (prepared on rank 0 first)."""
-    from gpt2.loader import prepare_on_main_rank
+    from gpt2.data.loader import prepare_on_main_rank
 
     return prepare_on_main_rank(data, int(os.environ.get("RANK", "0")) == 0, tokenizer=tokenizer).stream("val")
 
@@ -78,7 +78,7 @@ def run_val_loss(cfg: EvalRunConfig, train_cfg: TrainConfig | None, model: torch
 
 def run_hellaswag(cfg: EvalRunConfig, cache_dir: str, tokenizer: Any, model: torch.nn.Module, device: torch.device,
                   autocast: Any) -> dict[str, Any]:
-    from gpt2.distributed import barrier
+    from gpt2.runtime.distributed import barrier
 
     path = None
     if int(os.environ.get("RANK", "0")) == 0:
@@ -107,12 +107,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run cfg.tasks on the model named by cfg; every rank returns the same results, rank 0 prints."""
-    from gpt2.bpe import for_inference
-    from gpt2.checkpoint_store import RESUME_FIX
-    from gpt2.device import autocast as autocast_for
-    from gpt2.device import resolve_precision
-    from gpt2.distributed import cleanup, init_distributed
-    from gpt2.generate import load_model
+    from gpt2.checkpoint.format import RESUME_FIX
+    from gpt2.generate.sampling import load_model
+    from gpt2.runtime.device import autocast as autocast_for
+    from gpt2.runtime.device import resolve_precision
+    from gpt2.runtime.distributed import cleanup, init_distributed
+    from gpt2.tokenizers.bpe import for_inference
 
     cfg.check()
     output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading

@@ -18,10 +18,10 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from gpt2.checkpoint_store import find_latest, read_meta  # noqa: E402
-from gpt2.distributed import any_rank  # noqa: E402
-from gpt2.preemption import PreemptionHandler  # noqa: E402
+from gpt2.checkpoint.format import find_latest, read_meta  # noqa: E402
+from gpt2.checkpoint.io import load_checkpoint, save_checkpoint  # noqa: E402
+from gpt2.runtime.distributed import any_rank  # noqa: E402
+from gpt2.train.preemption import PreemptionHandler  # noqa: E402
 from tests.workers.tiny_lm import TinyLM, make, train_step  # noqa: E402
 
 

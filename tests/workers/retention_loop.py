@@ -15,7 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint import save_checkpoint  # noqa: E402
+from gpt2.checkpoint.io import save_checkpoint  # noqa: E402
 
 
 def main(root: Path, step: int, n_pad: int) -> None:

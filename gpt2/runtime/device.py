@@ -19,8 +19,8 @@ PRECISIONS = ("auto", *DTYPES)
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     """auto -> cuda if available, else cpu; plain `cuda` -> this local rank's GPU (see
-    `gpt2.slurm.device_index`); cuda:N and cpu as given. ConfigError for missing CUDA or a bad name."""
-    from gpt2.slurm import device_index
+    `gpt2.runtime.slurm.device_index`); cuda:N and cpu as given. ConfigError for missing CUDA or a bad name."""
+    from gpt2.runtime.slurm import device_index
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

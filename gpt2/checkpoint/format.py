@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from gpt2.config import ModelConfig, UserError, from_dict
-from gpt2.distributed import unwrap_model
+from gpt2.runtime.distributed import unwrap_model
 
 FORMAT = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -210,7 +210,7 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     path = ckpt / MODEL_FILE
     if (ckpt / DCP_DIR).is_dir() and not path.exists():
-        from gpt2.checkpoint_dcp import load_full
+        from gpt2.checkpoint.dcp import load_full
 
         return load_full(ckpt / DCP_DIR, "model")
     if not path.is_file():

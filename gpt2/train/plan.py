@@ -143,16 +143,16 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     import torch
     import yaml
 
-    from gpt2.checkpoint import CheckpointManager
-    from gpt2.checkpoint_store import read_meta
-    from gpt2.device import resolve_device, resolve_precision
-    from gpt2.model import GPT
+    from gpt2.checkpoint.format import read_meta
+    from gpt2.checkpoint.io import CheckpointManager
+    from gpt2.model.gpt import GPT
+    from gpt2.runtime.device import resolve_device, resolve_precision
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     precision = resolve_precision(cfg.precision.name, device)
     resume_from = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
-    from gpt2.bpe import load_tokenizer, planned_vocab
+    from gpt2.tokenizers.bpe import load_tokenizer, planned_vocab
 
     model = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
     n_vocab = planned_vocab(cfg.tokenizer)

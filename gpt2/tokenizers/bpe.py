@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.config import DataConfig, TokenizerConfig, UserError
-from gpt2.tokenizer import EOT, Tokenizer, get_tokenizer
+from gpt2.tokenizers.gpt2 import EOT, Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def bpe_key(cfg: TokenizerConfig, source_key: dict[str, Any]) -> str:
 
 def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
     """The BPE trained on data's corpus with cfg's settings: from the cache, else trained now and cached."""
-    from gpt2.sources import make_source
+    from gpt2.data.sources import make_source
 
     if data.name == "shards":
         raise UserError("tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer "
@@ -225,7 +225,7 @@ def load_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> AnyTokenizer:
 
 def planned_vocab(cfg: TokenizerConfig) -> int | None:
     """The vocabulary size known without training or loading anything (dry run); None for tokenizer=file."""
-    from gpt2.tokenizer import N_VOCAB
+    from gpt2.tokenizers.gpt2 import N_VOCAB
 
     return {"gpt2": N_VOCAB, "bpe": cfg.vocab_size}.get(cfg.name)
 
@@ -248,7 +248,7 @@ def for_inference(checkpoint: str | None, pretrained: str | None, ranks_path: st
     """The tokenizer to generate or evaluate with: a checkpoint's own, a Hugging Face directory's
     tokenizer.json (our export of a BPE model), else GPT-2's (`ranks_path`: its ranks file)."""
     if checkpoint is not None:
-        from gpt2.checkpoint_store import read_meta, resolve_checkpoint
+        from gpt2.checkpoint.format import read_meta, resolve_checkpoint
 
         ckpt = resolve_checkpoint(checkpoint, fix)
         meta = read_meta(ckpt)

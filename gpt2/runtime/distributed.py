@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gpt2.config import ConfigError, DistributedConfig
-from gpt2.device import resolve_device
+from gpt2.runtime.device import resolve_device
 
 log = logging.getLogger("gpt2")
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpt2.config import UserError
-from gpt2.tokenizer import sha256_file
+from gpt2.tokenizers.gpt2 import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import yaml
 
 from gpt2.config import ConfigError, ModelConfig, from_dict
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
+MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 """Presets that load_pretrained can fetch from the Hugging Face Hub (their weights exist there)."""
 

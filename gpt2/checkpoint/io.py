@@ -1,6 +1,6 @@
 """Checkpoints: `CheckpointManager` decides when to save, what to keep and where to resume (after
 torchtitan's components/checkpoint.py); `save_checkpoint` / `load_checkpoint` do one collective, atomic
-save or load. The on-disk format, discovery and deletion live in gpt2.checkpoint_store.
+save or load. The on-disk format, discovery and deletion live in gpt2.checkpoint.format.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gpt2.checkpoint_store import (
+from gpt2.checkpoint.format import (
     COMPLETE,
     DCP_DIR,
     FORMAT,
@@ -46,9 +46,9 @@ from gpt2.checkpoint_store import (
     torch_save,
 )
 from gpt2.config import CheckpointConfig, UserError
-from gpt2.distributed import all_ranks, rank_and_world, unwrap_model
-from gpt2.model import check_state_shapes
-from gpt2.optim import hyperparameters, set_hyperparameters
+from gpt2.model.gpt import check_state_shapes
+from gpt2.runtime.distributed import all_ranks, rank_and_world, unwrap_model
+from gpt2.train.optim import hyperparameters, set_hyperparameters
 
 log = logging.getLogger("gpt2")
 
@@ -161,7 +161,7 @@ class _SaveJob:
     def write(self, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, rank_state: dict,
               sharded: bool) -> None:
         if sharded:
-            from gpt2.checkpoint_dcp import save_sharded
+            from gpt2.checkpoint.dcp import save_sharded
 
             save_sharded(self.tmp / DCP_DIR, model, optimizer)
         if self.rank == 0:
@@ -267,7 +267,7 @@ def load_checkpoint(ckpt: Path, *, model: nn.Module, optimizer: torch.optim.Opti
     rank, world = rank_and_world()
     bare = unwrap_model(model)
     if meta.get("sharded") and (ckpt / DCP_DIR).is_dir():
-        from gpt2.checkpoint_dcp import load_sharded
+        from gpt2.checkpoint.dcp import load_sharded
 
         load_sharded(ckpt / DCP_DIR, bare, optimizer)
     else:
@@ -288,7 +288,7 @@ def _load_plain(ckpt: Path, bare: nn.Module, optimizer: torch.optim.Optimizer | 
     check_state_shapes({k: tuple(v.shape) for k, v in bare.state_dict().items()},
                        {k: tuple(v.shape) for k, v in state.items()}, str(ckpt / MODEL_FILE))
     if sharded:
-        from gpt2.checkpoint_dcp import load_full_into_sharded
+        from gpt2.checkpoint.dcp import load_full_into_sharded
 
         load_full_into_sharded(bare, state)
     else:

@@ -2,7 +2,7 @@
 
 DCP pickles its ``.metadata`` file and ``torch.load``s non-tensor values with ``weights_only=False``;
 the reader and planners here replace both with allow-listed loading, so a planted file cannot execute code.
-Used by gpt2.checkpoint and gpt2.checkpoint_store; the model passed in is the bare (FSDP-managed) module.
+Used by gpt2.checkpoint.io and gpt2.checkpoint.format; the model passed in is the bare (FSDP-managed) module.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from gpt2.config import UserError
-from gpt2.model import check_state_shapes
+from gpt2.model.gpt import check_state_shapes
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", n)

@@ -1,4 +1,4 @@
-"""Decoders: how `gpt2.generate.generate` runs the model for the prompt (prefill) and then one token per
+"""Decoders: how `gpt2.generate.sampling.generate` runs the model for the prompt (prefill) and then one token per
 step. Three modes, one interface (`prefill(idx) -> logits`, `step(token) -> logits`, logits (B, V)):
 
 - eager: `KVCache` with a host-side position; the CPU default.
@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gpt2.config import UserError
-from gpt2.model import GPT, KVCache
+from gpt2.model.gpt import GPT, KVCache
 
 MODES = ("auto", "eager", "static", "graph")
 

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import GenerateConfig, UserError
-from gpt2.decode import decoder_for, resolve_mode
-from gpt2.device import resolve_device, resolve_dtype
-from gpt2.distributed import unwrap_model
-from gpt2.model import GPT, model_from_state_dict
-from gpt2.runlog import check_output_file, write_text_atomic
+from gpt2.generate.decoders import decoder_for, resolve_mode
+from gpt2.model.gpt import GPT, model_from_state_dict
+from gpt2.runtime.device import resolve_device, resolve_dtype
+from gpt2.runtime.distributed import unwrap_model
+from gpt2.train.metrics import check_output_file, write_text_atomic
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -68,7 +68,7 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
     The prompt is run once (prefill) into a KV cache, then one token per step. `on_token` gets each new
     (B, 1) column as it is sampled. With `eos_token`, a row that produced it keeps emitting it, and decoding
     stops once every row has (that check reads the GPU every step). A generator makes sampling reproducible
-    (it must live on the model's device). `decode` picks the decoder (see gpt2.decode): auto = CUDA graphs
+    (it must live on the model's device). `decode` picks the decoder (see gpt2.generate.decoders): auto = CUDA graphs
     on CUDA, eager elsewhere; eager, static or graph. The total length must fit n_positions: the caller
     crops the prompt.
     """
@@ -130,12 +130,12 @@ CHECKPOINT_FIX = ("Check the path: checkpoint= takes a training run dir, its che
 def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> GPT:
     """A GPT from a training checkpoint (file, checkpoint dir or run dir) or a pretrained HF name/directory."""
     if pretrained is not None:
-        from gpt2.pretrained import load_pretrained
+        from gpt2.model.hf import load_pretrained
 
         return load_pretrained(pretrained)
     if checkpoint is None:
         raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
-    from gpt2.checkpoint_store import load_weights
+    from gpt2.checkpoint.format import load_weights
 
     ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
     return model_from_state_dict(cfg, state, source=str(ckpt))
@@ -184,7 +184,7 @@ class _Streamer:
 def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]:
     """Load the model and tokenizer named by cfg, draw cfg.num_samples continuations of cfg.prompt,
     print them to `out` (streaming when cfg.stream) and return them (prompt + completion)."""
-    from gpt2.bpe import for_inference
+    from gpt2.tokenizers.bpe import for_inference
 
     cfg.check()
     output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading

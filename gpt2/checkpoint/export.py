@@ -1,6 +1,6 @@
 """Export a training checkpoint as a Hugging Face GPT-2 directory.
 
-    python -m gpt2.export CHECKPOINT OUT_DIR
+    python -m gpt2.checkpoint.export CHECKPOINT OUT_DIR
 
 CHECKPOINT is a checkpoint dir (checkpoints/step_XXXXXXXX) or a run dir (its latest valid checkpoint).
 OUT_DIR receives config.json + model.safetensors, loadable with
@@ -27,7 +27,7 @@ CHECKPOINT_FIX = "Check the path: export takes a run dir, its checkpoints/ dir o
 
 
 def _is_checkpoint_dir(d: Path) -> bool:
-    from gpt2.checkpoint_store import CHECKPOINTS_DIR, COMPLETE, META, STEP_DIR
+    from gpt2.checkpoint.format import CHECKPOINTS_DIR, COMPLETE, META, STEP_DIR
 
     return d.name == CHECKPOINTS_DIR or bool(STEP_DIR.match(d.name)) or (d / META).exists() or (d / COMPLETE).exists()
 
@@ -35,7 +35,7 @@ def _is_checkpoint_dir(d: Path) -> bool:
 def check_out_dir(out_dir: str | Path) -> Path:
     """The export target as an absolute path; UserError when it is a file, is or lies inside a checkpoint,
     holds checkpoints (a run dir), or cannot be written."""
-    from gpt2.checkpoint_store import CHECKPOINTS_DIR
+    from gpt2.checkpoint.format import CHECKPOINTS_DIR
 
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
@@ -57,10 +57,10 @@ def check_out_dir(out_dir: str | Path) -> Path:
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
-    from gpt2.bpe import from_checkpoint
-    from gpt2.checkpoint_store import load_weights, read_meta
-    from gpt2.pretrained import export_hf
-    from gpt2.tokenizer_export import TOKENIZER_FILES, write_tokenizer_files
+    from gpt2.checkpoint.format import load_weights, read_meta
+    from gpt2.model.hf import export_hf
+    from gpt2.tokenizers.bpe import from_checkpoint
+    from gpt2.tokenizers.hf_files import TOKENIZER_FILES, write_tokenizer_files
 
     out = check_out_dir(out_dir)  # before loading: a bad target fails at once
     ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
@@ -94,7 +94,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpt2.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gpt2.checkpoint.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint dir (checkpoints/step_XXXXXXXX) or run dir (latest valid)")
     parser.add_argument("out_dir", help="directory to write config.json and model.safetensors into")
     args = parser.parse_args(argv)

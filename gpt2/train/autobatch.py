@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gpt2.config import TrainConfig, UserError
-from gpt2.device import autocast, resolve_precision
+from gpt2.runtime.device import autocast, resolve_precision
 
 log = logging.getLogger("gpt2")
 

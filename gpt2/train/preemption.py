@@ -21,7 +21,7 @@ PREEMPTED_EXIT_CODE = 75
 class PreemptionHandler:
     """Record a preemption signal instead of dying; use ``with PreemptionHandler() as h:`` or install()/uninstall().
 
-    ``requested`` is per process; in a distributed run combine it with `gpt2.distributed.any_rank` at the
+    ``requested`` is per process; in a distributed run combine it with `gpt2.runtime.distributed.any_rank` at the
     same point on every rank so that all of them stop at the same step.
     """
 

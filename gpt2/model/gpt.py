@@ -1,7 +1,7 @@
 """The GPT-2 model: attention, MLP, Block, KV cache, and GPT (read top to bottom).
 
 Module names mirror nanoGPT and Hugging Face's GPT2LMHeadModel (`transformer.h[i].attn.c_attn`, ...)
-so that `gpt2.pretrained` maps weights with an explicit key list. Linear layers are `nn.Linear`
+so that `gpt2.model.hf` maps weights with an explicit key list. Linear layers are `nn.Linear`
 (HF uses Conv1D, whose weights are the transpose). The model prints nothing and imports no
 trainer, Hydra or distributed code.
 """

@@ -13,23 +13,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gpt2.autobatch import resolve_micro_batch_size
-from gpt2.bpe import AnyTokenizer, check_same
-from gpt2.checkpoint import CheckpointManager
-from gpt2.checkpoint_store import find_latest, read_meta
+from gpt2.checkpoint.format import find_latest, read_meta
+from gpt2.checkpoint.io import CheckpointManager
 from gpt2.config import ModelConfig, TrainConfig, UserError
-from gpt2.data import PreparationInterrupted, PreparedData
-from gpt2.device import resolve_precision, set_tf32
-from gpt2.distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model, wrap_model
+from gpt2.data.loader import TokenLoader, prepare_on_main_rank
+from gpt2.data.prepare import PreparationInterrupted, PreparedData
 from gpt2.evals import hellaswag
-from gpt2.loader import TokenLoader, prepare_on_main_rank
-from gpt2.model import GPT
-from gpt2.optim import build_optimizer
-from gpt2.plan import make_plan, resume_model, with_vocab
-from gpt2.preemption import PreemptionHandler
-from gpt2.rng import seed_everything
-from gpt2.runlog import RunLogger, run_summary
-from gpt2.trainer import Trainer, TrainingInterrupted
+from gpt2.model.gpt import GPT
+from gpt2.runtime.device import resolve_precision, set_tf32
+from gpt2.runtime.distributed import DistInfo, barrier, cleanup, init_distributed, unwrap_model, wrap_model
+from gpt2.tokenizers.bpe import AnyTokenizer, check_same
+from gpt2.train.autobatch import resolve_micro_batch_size
+from gpt2.train.metrics import RunLogger, run_summary
+from gpt2.train.optim import build_optimizer
+from gpt2.train.plan import make_plan, resume_model, with_vocab
+from gpt2.train.preemption import PreemptionHandler
+from gpt2.train.rng import seed_everything
+from gpt2.train.trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("gpt2")
 
@@ -77,7 +77,7 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.
     """Random GPT-2 init of `model_cfg`, or Hugging Face weights when `init.pretrained` is set and no
     checkpoint is being resumed (a checkpoint always wins)."""
     if cfg.init.pretrained and not resuming:
-        from gpt2.pretrained import load_pretrained
+        from gpt2.model.hf import load_pretrained
 
         model = load_pretrained(cfg.init.pretrained, dropout=model_cfg.dropout,
                                 pad_vocab_multiple=model_cfg.pad_vocab_multiple)
@@ -96,7 +96,7 @@ def build_model(cfg: TrainConfig, model_cfg: ModelConfig, resuming: bool) -> nn.
 
 def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     """Build everything from `cfg`, train, and return the final validation loss."""
-    from gpt2.slurm import init_slurm_env
+    from gpt2.runtime.slurm import init_slurm_env
 
     started = time.monotonic()
     output_dir = Path(output_dir)

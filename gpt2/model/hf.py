@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from gpt2.config import ModelConfig, UserError
-from gpt2.model import GPT, StateDictMismatch, model_from_state_dict
-from gpt2.presets import HUB_MODELS, preset_for
+from gpt2.model.gpt import GPT, StateDictMismatch, model_from_state_dict
+from gpt2.model.presets import HUB_MODELS, preset_for
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
@@ -158,7 +158,7 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
     except Exception as err:  # corrupt/truncated file, or a pickle with forbidden objects
         raise UserError(f"cannot read the weights in {directory}: {type(err).__name__}: {err}") from err
     raise UserError(f"{directory} has no model.safetensors or pytorch_model.bin; pass a directory written by "
-                    f"save_pretrained (or gpt2.export).")
+                    f"save_pretrained (or gpt2.checkpoint.export).")
 
 
 def _download(name: str) -> Path:

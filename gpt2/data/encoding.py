@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from gpt2.sources import Source
-from gpt2.tokenizer import Tokenizer
+from gpt2.data.sources import Source
+from gpt2.tokenizers.gpt2 import Tokenizer
 
 log = logging.getLogger(__name__)
 
