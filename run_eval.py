@@ -1,6 +1,6 @@
-"""Evaluate a trained or pretrained GPT-2: `python run_eval.py checkpoint=RUN_DIR tasks=[val_loss,hellaswag]`
-or `python run_eval.py pretrained=gpt2 tasks=[hellaswag]` (see conf/eval.yaml for every option); under
-`torchrun` the items are split over the ranks.
+"""Evaluate a trained or pretrained GPT-2: `python run_eval.py checkpoint=RUN_DIR tasks=[val_loss,hellaswag]` or
+`python run_eval.py pretrained=gpt2 tasks=[hellaswag]` (see conf/eval.yaml for every option); under `torchrun`
+the items are split over the ranks.
 
 A thin Hydra entry point: it converts the composed config to a typed `EvalRunConfig` and calls
 `gpt2.evals.runner.run_evals`. It writes nothing to outputs/ (only `output_file=` when given).
@@ -14,9 +14,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.cli import check_command_line, fail, run_main
-from gpt2.config import EvalRunConfig, UserError
-from run_train import register_configs
+from gpt2.cli import check_command_line, fail, register_configs, run_main
+from gpt2.config import EvalRunConfig
+from gpt2.errors import UserError
 
 register_configs()
 

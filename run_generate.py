@@ -1,8 +1,8 @@
-"""Sample from a trained or pretrained GPT-2: `python run_generate.py checkpoint=RUN_DIR prompt="..."`
-or `python run_generate.py pretrained=gpt2` (see conf/generate.yaml for every option).
+"""Sample from a trained or pretrained GPT-2: `python run_generate.py checkpoint=RUN_DIR prompt="..."` or
+`python run_generate.py pretrained=gpt2` (see conf/generate.yaml for every option).
 
 A thin Hydra entry point: it converts the composed config to a typed `GenerateConfig` and calls
-`gpt2.generate.sampling.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
+`gpt2.generate.samples.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.cli import check_command_line, fail
-from gpt2.config import GenerateConfig, UserError
+from gpt2.cli import check_command_line, fail, register_configs
+from gpt2.config import GenerateConfig
+from gpt2.errors import UserError
 
-ConfigStore.instance().store(name="base_generate", node=GenerateConfig)
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
@@ -24,10 +25,10 @@ def main(dcfg: DictConfig) -> None:
     try:
         cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         cfg.check()  # before importing torch: a config mistake is reported at once
-        from gpt2.generate.sampling import generate_samples
+        from gpt2.generate.samples import generate_samples
 
         generate_samples(cfg)
-    except (UserError, ValueError) as err:
+    except (UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     except KeyboardInterrupt:
         sys.exit(130)

@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
-from gpt2.cli import check_command_line, fail
-from run_train import register_configs
+from gpt2.cli import check_command_line, fail, register_configs
+from gpt2.errors import UserError
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -34,14 +34,14 @@ def main(overrides: list[str]) -> None:
         cfg.tokenizer.check()
     except MissingMandatoryValue as err:
         fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
-    except (C.UserError, ValueError, OmegaConfBaseException) as err:
+    except (UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from gpt2.data.prepare import prepare_data
 
     try:
         prepared = prepare_data(cfg.data, tokenizer=cfg.tokenizer)
-    except C.UserError as err:
+    except UserError as err:
         fail(str(err))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume the preparation", file=sys.stderr)

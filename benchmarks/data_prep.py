@@ -38,7 +38,7 @@ from common import default_out, environment, fmt, markdown_table, median, write_
 
 def make_corpus(out_dir: Path, target_bytes: int, cache_dir: str) -> tuple[int, int]:
     """Copy the plays into out_dir until target_bytes; returns (files, bytes)."""
-    from gpt2.data.prepare import shakespeare_files
+    from gpt2.data.sources import shakespeare_files
 
     plays = [p.read_bytes() for p in shakespeare_files(Path(os.path.expanduser(cache_dir)))]
     out_dir.mkdir(parents=True, exist_ok=True)

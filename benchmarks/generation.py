@@ -57,7 +57,7 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int, autocast: bool
     if precision == "fp32":
         runs = {"ours": lambda idx: generate(ours, idx, new_tokens, temperature=0.0)}
         if static:
-            runs["ours (static cache)"] = lambda idx: generate(ours, idx, new_tokens, temperature=0.0, decode="static")
+            runs["ours (static cache)"] = lambda idx: generate(ours, idx, new_tokens, temperature=0.0, decode_mode="static")
         return {**runs, "hf": hf_run(hf)}
     ours_bf16 = copy.deepcopy(ours).to(DTYPES[precision])
     hf_bf16 = copy.deepcopy(hf).to(DTYPES[precision])
@@ -70,7 +70,7 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int, autocast: bool
     runs = {"ours (bf16 weights)": lambda idx: generate(ours_bf16, idx, new_tokens, temperature=0.0)}
     if static:
         runs["ours (bf16 weights, static cache)"] = lambda idx: generate(ours_bf16, idx, new_tokens, temperature=0.0,
-                                                                         decode="static")
+                                                                         decode_mode="static")
     if autocast:  # slow on CPU: autocast re-casts every weight for every token (no cast cache in inference)
         runs["ours (fp32 weights, bf16 autocast)"] = ours_autocast
     return {**runs, "hf": hf_run(hf_bf16)}

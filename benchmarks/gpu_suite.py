@@ -45,7 +45,7 @@ from gpt2.generate.sampling import generate
 from gpt2.model.gpt import GPT
 from gpt2.model.hf import gpt_to_hf, hf_config_dict
 from gpt2.model.presets import model_preset
-from gpt2.train.metrics import detect_peak_flops
+from gpt2.runtime.device import detect_peak_flops
 
 START = time.perf_counter()
 

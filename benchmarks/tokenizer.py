@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpt2.data.prepare import shakespeare_files  # noqa: E402
+from gpt2.data.sources import shakespeare_files  # noqa: E402
 from gpt2.tokenizers.bpe import HFTokenizer, train_bpe  # noqa: E402
 from gpt2.tokenizers.gpt2 import get_tokenizer  # noqa: E402
 

@@ -35,7 +35,7 @@ from gpt2.model.gpt import GPT
 from gpt2.model.presets import model_preset
 from gpt2.runtime.device import DTYPES, autocast, set_tf32
 from gpt2.runtime.distributed import DistInfo
-from gpt2.train.metrics import detect_peak_flops
+from gpt2.runtime.device import detect_peak_flops
 from gpt2.train.optim import build_optimizer
 from gpt2.train.trainer import Trainer
 

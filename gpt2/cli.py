@@ -1,31 +1,99 @@
 """Hydra glue shared by the entry points (run_train.py, run_generate.py, run_eval.py, run_prepare.py):
-one way to report a user mistake, unknown command-line keys refused before Hydra composes, a run
-directory checked where Hydra creates it, and a run directory that a failed start leaves empty removed.
+the schemas registered with Hydra's ConfigStore, the run-directory stamp all ranks agree on, unknown
+command-line keys refused before Hydra composes, a run directory checked where Hydra creates it and
+removed when a failed start leaves it empty, and one way to report a user mistake.
+
+This module and the run_*.py files are the only ones that import Hydra.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import logging
 import os
+import secrets
 import shutil
 import sys
-import tempfile
+import typing
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2.config import ConfigError, UserError, check_override_keys
+from gpt2 import config as C
+from gpt2.errors import ConfigError, UserError
+from gpt2.runtime import ranks
+from gpt2.utils.fs import RUN_FILES, check_writable, symlink_refusal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-# Files Hydra writes into a run directory before the task starts: a directory holding nothing
-# else was never used by a run.
 HYDRA_FILES = {".hydra", "train.log", "generate.log", "eval.log"}
+"""Files Hydra writes into a run directory before the task starts: a directory holding nothing else was
+never used by a run."""
+STAMP_ENV = "GPT2_RUN_STAMP"
+GROUPS = {"model": C.ModelConfig, "optimizer": C.OptimizerConfig, "scheduler": C.SchedulerConfig,
+          "precision": C.PrecisionConfig, "distributed": C.DistributedConfig, "data": C.DataConfig,
+          "tokenizer": C.TokenizerConfig, "logger": C.LoggerConfig}
+"""The config groups (folders of conf/) whose files are typed by a dataclass (`base_<group>`)."""
+
+
+# ------------------------------------------------------------------ schemas
+
+
+def register_configs() -> None:
+    """Register the dataclass schemas as `base_<group>` and the roots as `base_train`, `base_generate` and
+    `base_eval`, and the `run_stamp` resolver of the run directory's name."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=C.TrainConfig)
+    cs.store(name="base_generate", node=C.GenerateConfig)
+    cs.store(name="base_eval", node=C.EvalRunConfig)
+    for group, node in GROUPS.items():
+        cs.store(group=group, name=f"base_{group}", node=node)
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
+
+
+def _new_stamp() -> str:
+    """`YYYY-MM-DD/HH-MM-SS-xxxxxx`: date folder, time, and a random suffix so that two runs started in the
+    same second never share a directory."""
+    now = datetime.datetime.now()
+    return f"{now:%Y-%m-%d}/{now:%H-%M-%S}-{secrets.token_hex(3)}"
+
+
+def run_stamp() -> str:
+    """The run-directory stamp, identical on every rank of one torchrun launch.
+
+    Rank 0 draws it and publishes it through torchrun's rendezvous store (the TCPStore at
+    MASTER_ADDR:MASTER_PORT that the agent shares with its workers); the other ranks wait for it there,
+    so ranks that start seconds apart still agree. Outside torchrun (or when the stamp was already set,
+    e.g. by a SLURM submission) it is drawn locally.
+    """
+    if STAMP_ENV in os.environ:
+        return os.environ[STAMP_ENV]
+    stamp = _new_stamp()
+    rank, world = ranks.rank_and_world()
+    if world > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        from torch.distributed import TCPStore
+
+        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=datetime.timedelta(seconds=300))
+        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        key = f"gpt2/run_stamp/{attempt}"
+        if rank == 0:
+            store.set(key, stamp)
+        stamp = store.get(key).decode()
+    os.environ[STAMP_ENV] = stamp
+    return stamp
+
+
+# ------------------------------------------------------------------ reporting
 
 
 class SweepJobFailed(UserError, CompactHydraException):
@@ -35,8 +103,8 @@ class SweepJobFailed(UserError, CompactHydraException):
 def fail(message: str) -> NoReturn:
     """Print `error: message` and exit 2, without a traceback.
 
-    In a multirun sweep it raises `SweepJobFailed` instead (sys.exit would end the whole sweep),
-    naming the job number and its overrides; Hydra reports the failed job and the others still run."""
+    In a multirun sweep it raises `SweepJobFailed` instead (sys.exit would end the whole sweep), naming the
+    job number and its overrides; Hydra reports the failed job and the others still run."""
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if hc is not None and hc.mode == RunMode.MULTIRUN:
         raise SweepJobFailed(f"error: job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
@@ -45,12 +113,12 @@ def fail(message: str) -> NoReturn:
 
 
 def run_main(main: Callable[[], object]) -> NoReturn:
-    """Run an entry point's `main` and exit with its status; in a multi-rank job leave with `os._exit`
-    once everything is flushed.
+    """Run an entry point's `main` and exit with its status; in a multi-rank job leave with `os._exit` once
+    everything is flushed.
 
-    Gloo's C++ threads can abort the process (SIGABRT, "terminate called without an active
-    exception") when Python destroys leftover distributed objects during interpreter shutdown,
-    turning a finished run into a failed one; skipping the finalizers avoids that."""
+    Gloo's C++ threads can abort the process (SIGABRT, "terminate called without an active exception")
+    when Python destroys leftover distributed objects during interpreter shutdown, turning a finished run
+    into a failed one; skipping the finalizers avoids that."""
     try:
         main()
         code = 0
@@ -58,7 +126,7 @@ def run_main(main: Callable[[], object]) -> NoReturn:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ranks.rank_and_world()[1] > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -66,19 +134,76 @@ def run_main(main: Callable[[], object]) -> NoReturn:
     sys.exit(code)
 
 
+# ------------------------------------------------------------------ command-line keys
+
+
+def _nested_schema(cls: type) -> dict[str, type | None]:
+    """Each field of dataclass `cls` -> its dataclass type (for `X` and `X | None`), else None."""
+    hints = typing.get_type_hints(cls, vars(C))
+    out: dict[str, type | None] = {}
+    for f in fields(cls):
+        candidates = typing.get_args(hints[f.name]) or (hints[f.name],)
+        out[f.name] = next((c for c in candidates if isinstance(c, type) and is_dataclass(c)), None)
+    return out
+
+
+def schema_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, nested groups included (e.g. optimizer.lr)."""
+    keys = []
+    for name, sub in _nested_schema(cls).items():
+        keys.append(prefix + name)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
 def conf_groups() -> set[str]:
     """The config group names (folders of conf/): `model=tiny` selects a group, it is not a key."""
     return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
 
+def check_override_keys(schema: type, overrides: list[str], groups: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Refuse a command-line override whose key is not in `schema`, whether written `key=`, `+key=`,
+    `++key=` or `~key`, naming the nearest valid key. Group choices (`model=tiny`, any name in `groups`),
+    `hydra.*` keys and non-override arguments (flags) are left to Hydra."""
+    for arg in overrides:
+        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
+            continue
+        key = arg.split("=", 1)[0].lstrip("~+")
+        if not key or "/" in key or "@" in key or key == "hydra" or key.startswith("hydra.") or key in groups:
+            continue
+        cls: type | None = schema
+        prefix = ""
+        for part in key.split("."):
+            if cls is None:  # below a leaf that holds a list or mapping
+                break
+            nested = _nested_schema(cls)
+            if part not in nested:
+                valid = schema_keys(schema)
+                siblings = [prefix + name for name in nested]
+                near = (difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                        or difflib.get_close_matches(prefix + part, siblings, n=1, cutoff=0.0))
+                hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(valid)}."
+                raise ConfigError(f"{arg.split('=', 1)[0]}: {prefix + part} is not a config key; {hint} "
+                                  f"Every key is listed with its docstring in gpt2/config.py.")
+            cls = nested[part]
+            prefix += part + "."
+
+
 def check_command_line(schema: type, argv: list[str] | None = None) -> None:
-    """Refuse unknown keys among the overrides (`key=`, `+key=`, `++key=`, `~key`) with one
-    `error:` line naming the nearest valid key, before Hydra composes (and silently drops them)."""
+    """Refuse unknown keys among the overrides (`key=`, `+key=`, `++key=`, `~key`) with one `error:` line
+    naming the nearest valid key, before Hydra composes (and silently drops them)."""
     try:
         check_override_keys(schema, sys.argv[1:] if argv is None else argv, conf_groups())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def quiet_non_zero_ranks() -> None:
+    """Only rank 0 writes `.hydra/` and train.log into the shared run dir."""
+    if not ranks.is_main():
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
 # ------------------------------------------------------------------ run directory
@@ -93,16 +218,11 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
         return
     first_new = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
     try:
+        check_writable(key, path, is_dir=True)
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):  # writable? (a read-only file system passes mkdir of an existing dir)
-            pass
-    except OSError as err:
-        reason = err.strerror or str(err)
-        print(f"error: {key}={path} cannot be used as the run directory: {reason} ({err.filename or path}); "
-              f"choose a writable folder, e.g. {key}=outputs/my-run", file=sys.stderr, flush=True)
+    except (UserError, OSError) as err:
+        print(f"error: {err}; choose a writable folder, e.g. {key}=outputs/my-run", file=sys.stderr, flush=True)
         sys.exit(2)
-    from gpt2.train.metrics import RUN_FILES, symlink_refusal
-
     for name in RUN_FILES:  # Hydra itself would follow a planted train.log or .hydra link
         if (path / name).is_symlink():
             print(f"error: {symlink_refusal(path / name)}", file=sys.stderr, flush=True)
@@ -113,8 +233,8 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
 
 class RunDirCheck(Callback):
     """Creates and test-writes `hydra.run.dir` (or `hydra.sweep.dir`) before Hydra does, so that an
-    unwritable, read-only or impossible path (e.g. under /proc) is one `error:` line and exit 2
-    instead of Hydra's traceback. Listed under `hydra.callbacks` in conf/*.yaml."""
+    unwritable, read-only or impossible path (e.g. under /proc) is one `error:` line and exit 2 instead of
+    Hydra's traceback. Listed under `hydra.callbacks` in conf/train.yaml."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _prepare_dir("hydra.run.dir", config)
@@ -124,11 +244,11 @@ class RunDirCheck(Callback):
 
 
 def remove_unused_run_dir(output_dir: str | Path) -> bool:
-    """Remove a run directory this launch created when it holds only what Hydra put there
-    (a run that failed before training); returns whether it did. Only rank 0 removes."""
+    """Remove a run directory this launch created when it holds only what Hydra put there (a run that
+    failed before training, or a dry run); returns whether it did. Only rank 0 removes."""
     path = Path(output_dir).absolute()
     first_new = _created.get(str(path))
-    if first_new is None or int(os.environ.get("RANK", "0")) != 0 or not path.is_dir():
+    if first_new is None or not ranks.is_main() or not path.is_dir():
         return False
     if any(child.name not in HYDRA_FILES for child in path.iterdir()):
         return False

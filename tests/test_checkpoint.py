@@ -27,21 +27,22 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint.format import find_latest, load_model_state, read_meta, resolve_checkpoint  # noqa: E402
-from gpt2.checkpoint.io import load_checkpoint, save_checkpoint  # noqa: E402
-from gpt2.config import UserError  # noqa: E402
+from gpt2.checkpoint.format import load_model_state, read_meta  # noqa: E402
+from gpt2.checkpoint.store import find_latest, resolve_checkpoint  # noqa: E402
+from gpt2.errors import UserError  # noqa: E402
 from gpt2.train.preemption import PreemptionHandler  # noqa: E402
 from gpt2.train.rng import capture_rng_state, restore_rng_state  # noqa: E402
+from tests.helpers import load_toy_checkpoint, save_toy_checkpoint  # noqa: E402
 from tests.workers.tiny_lm import make, train_step  # noqa: E402
 
 WORKERS = REPO / "tests" / "workers" / "checkpoint_workers.py"
 
 
-def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, **kw) -> Path:
-    args = dict(trainer_state={"step": step}, rank_state={"pos": step}, config={"seed": 1}, val_loss=None,
-                keep_last=10, keep_best=True, sharded=False)
+def save(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, config: dict | None = None,
+         **kw) -> Path:
+    args = dict(trainer_state={"step": step}, rank_state={"pos": step}, record={"config": config or {"seed": 1}})
     args.update(kw)
-    return save_checkpoint(root, step, model=model, optimizer=opt, **args)
+    return save_toy_checkpoint(root, step, model, opt, **args)
 
 
 def assert_same_params(a: nn.Module, b: nn.Module) -> None:
@@ -74,10 +75,10 @@ def test_round_trip_model_optimizer_trainer_rank_state(tmp_path: Path) -> None:
         "COMPLETE", "meta.json", "model.safetensors", "optimizer.pt", "rank_00000.pt", "trainer.pt"]
     meta = read_meta(path)
     assert meta["step"] == 7 and meta["val_loss"] == 2.5 and meta["world_size"] == 1 and meta["sharded"] is False
-    assert meta["config"] == {"model": {"n_embd": 16}} and meta["format"] == 1 and "T" in meta["time"]
+    assert meta["config"] == {"model": {"n_embd": 16}} and meta["format"] == 2 and "T" in meta["time"]
 
     model2, opt2 = make(99)
-    loaded = load_checkpoint(tmp_path, model=model2, optimizer=opt2, sharded=False)
+    loaded = load_toy_checkpoint(tmp_path, model2, opt2, sharded=False)
     assert loaded.step == 7 and loaded.path == path
     assert loaded.trainer_state["tokens_seen"] == 1234 and loaded.trainer_state["wandb_run_id"] == "abc"
     assert torch.equal(loaded.trainer_state["scaler"]["scale"], torch.tensor(2.0))
@@ -135,7 +136,7 @@ def test_wrappers_are_unwrapped(tmp_path: Path) -> None:
         keys = set(load_model_state(path))
         assert keys == set(model.state_dict())
         model2, opt2 = make(5)
-        load_checkpoint(path, model=DDP(model2), optimizer=opt2, sharded=False)
+        load_toy_checkpoint(path, DDP(model2), opt2, sharded=False)
         assert_same_params(model, model2)
         assert read_meta(path)["world_size"] == 1
     finally:
@@ -152,7 +153,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
         save(tmp_path, 2, model, opt, trainer_state={"bad": lambda: 0})
     assert find_latest(tmp_path) == first
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
-    load_checkpoint(tmp_path, model=make(1)[0], optimizer=None, sharded=False)
+    load_toy_checkpoint(tmp_path, make(1)[0], None, sharded=False)
 
 
 def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
@@ -167,8 +168,8 @@ def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"could not write checkpoint to .*step_00000002.*No space left.*intact"):
             save(mnt, 2, model, opt, rank_state=big)
         assert sorted(p.name for p in (mnt / "checkpoints").iterdir()) == ["step_00000001"]
-        assert resolve_checkpoint(mnt) == first
-        load_checkpoint(mnt, model=make(1)[0], optimizer=make(1)[1], sharded=False)
+        assert resolve_checkpoint(mnt)[0] == first
+        load_toy_checkpoint(mnt, make(1)[0], make(1)[1], sharded=False)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 
@@ -202,7 +203,7 @@ def test_resave_same_step_replaces(tmp_path: Path) -> None:
     path = save(tmp_path, 5, model_b, opt_b, trainer_state={"step": 5, "second": True})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
     model2, _ = make(2)
-    loaded = load_checkpoint(path, model=model2, optimizer=None, sharded=False)
+    loaded = load_toy_checkpoint(path, model2, None, sharded=False)
     assert loaded.trainer_state["second"] is True
     assert_same_params(model_b, model2)
 
@@ -244,7 +245,7 @@ def test_sigkill_during_save_never_corrupts(tmp_path: Path) -> None:
         step = read_meta(latest)["step"]
         model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
         opt = torch.optim.AdamW(model.parameters())
-        loaded = load_checkpoint(latest, model=model, optimizer=opt, sharded=False)
+        loaded = load_toy_checkpoint(latest, model, opt, sharded=False)
         assert loaded.trainer_state == {"step": step} and loaded.rank_state == {"step": step}
         assert all(bool((p == step).all()) for p in model.parameters())  # every file from the same save
         assert all(bool((s["exp_avg"] == step).all()) for s in opt.state_dict()["state"].values())
@@ -299,7 +300,7 @@ def test_find_latest_and_resolve(tmp_path: Path) -> None:
     (c2 / "meta.json").write_text("{not json")
     assert find_latest(run) == run / "checkpoints" / "step_00000001"
     with pytest.raises(UserError, match=r"could not read .*meta.json"):
-        load_checkpoint(c2, model=model, optimizer=None, sharded=False)
+        load_toy_checkpoint(c2, model, None, sharded=False)
 
 
 # ------------------------------------------------------------------ safety and corrupt files
@@ -319,7 +320,7 @@ def test_malicious_pickle_does_not_execute(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     torch.save({"step": _Payload(marker)}, path / "trainer.pt")
     with pytest.raises(UserError, match=r"could not read .*trainer\.pt"):
-        load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+        load_toy_checkpoint(path, model, opt, sharded=False)
     assert not marker.exists()
     torch.load(path / "trainer.pt", weights_only=False)  # the payload is real: an unsafe load runs it
     assert marker.exists()
@@ -345,7 +346,7 @@ def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
     st = path / "model.safetensors"
     st.write_bytes(good["model.safetensors"][: len(good["model.safetensors"]) // 2])
     with pytest.raises(UserError, match=r"could not read .*model\.safetensors: it is truncated or corrupt"):
-        load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+        load_toy_checkpoint(path, model, opt, sharded=False)
     st.write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match=r"model\.safetensors"):
         load_model_state(path)
@@ -354,15 +355,15 @@ def test_corrupt_and_foreign_files(tmp_path: Path) -> None:
     for name in ("optimizer.pt", "trainer.pt", "rank_00000.pt"):
         (path / name).write_bytes(good[name][:50])
         with pytest.raises(UserError, match=rf"could not read .*{name.replace('.', '[.]')}.*truncated"):
-            load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+            load_toy_checkpoint(path, model, opt, sharded=False)
         (path / name).write_bytes(good[name])
-    load_checkpoint(path, model=model, optimizer=opt, sharded=False)
+    load_toy_checkpoint(path, model, opt, sharded=False)
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="no complete checkpoint"):
-        load_checkpoint(foreign, model=model, optimizer=None, sharded=False)
+        load_toy_checkpoint(foreign, model, None, sharded=False)
     (path / "meta.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(UserError, match="not a gpt2 checkpoint meta file"):
         read_meta(path)
@@ -374,10 +375,10 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path: Path) -> None:
     other, other_opt = make(0, n_embd=32)
     with pytest.raises(UserError, match=r"'transformer\.wte\.weight' has shape \(32, 16\) in the checkpoint but "
                                         r"\(32, 32\) in the model"):
-        load_checkpoint(tmp_path, model=other, optimizer=other_opt, sharded=False)
+        load_toy_checkpoint(tmp_path, other, other_opt, sharded=False)
     deeper, _ = make(0, n_layer=3)
     with pytest.raises(UserError, match=r"no tensor 'transformer\.h\.2\.weight'"):
-        load_checkpoint(tmp_path, model=deeper, optimizer=None, sharded=False)
+        load_toy_checkpoint(tmp_path, deeper, None, sharded=False)
 
 
 # ------------------------------------------------------------------ FSDP2
@@ -404,14 +405,14 @@ def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
     for k in sd:
         torch.testing.assert_close(sd[k], res["ref1"][k], rtol=0, atol=0)
     model, opt = make(7)
-    loaded = load_checkpoint(ckpt, model=model, optimizer=opt, sharded=True)
+    loaded = load_toy_checkpoint(ckpt, model, opt, sharded=True)
     assert loaded.step == 1 and loaded.rank_state is None  # saved at world size 2: per-rank state does not apply
     train_step(model, opt, 2)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, res["ref2"][k])
     wrong, _ = make(0, n_embd=32)
     with pytest.raises(UserError, match=r"'transformer\.wte\.weight' has shape \(32, 16\) in the checkpoint"):
-        load_checkpoint(ckpt, model=wrong, optimizer=None, sharded=True)
+        load_toy_checkpoint(ckpt, wrong, None, sharded=True)
 
 
 # ------------------------------------------------------------------ preemption
@@ -460,8 +461,9 @@ def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint
     checkpoint): no ``step_*`` dir with COMPLETE may ever miss a file, and a manager started on the
     dir afterwards removes the half-deleted leftovers."""
     from gpt2.checkpoint.format import STEP_DIR
-    from gpt2.checkpoint.io import CheckpointManager
+    from gpt2.checkpoint.manager import CheckpointManager
     from gpt2.config import CheckpointConfig
+    from tests.helpers import DictState
 
     worker = REPO / "tests" / "workers" / "retention_loop.py"
     rng = random.Random(0)
@@ -487,7 +489,9 @@ def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint
                 assert not missing, f"{p.name} has COMPLETE but lacks {missing} (all: {sorted(names)})"
         assert find_latest(tmp_path) is not None
     assert leftovers_seen, "no kill landed inside a deletion; the test proved nothing"
-    CheckpointManager(tmp_path, CheckpointConfig(), sharded=False, is_main=True)
+    model, opt = make(0)
+    CheckpointManager(tmp_path, CheckpointConfig(), max_steps=1, model=model, optimizer=opt, trainer=DictState(),
+                      rank=DictState(), record={})
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith((".deleting", ".tmp"))]
 
 
@@ -501,4 +505,4 @@ def test_safetensors_alias_to_a_missing_key_is_a_user_error(tmp_path: Path) -> N
               metadata={"format": "pt", "aliases": json.dumps({"lm_head.weight": "transformer.nope"})})
     with pytest.raises(UserError, match=r"ties 'lm_head\.weight' to 'transformer\.nope', but the file has no "
                                         r"tensor 'transformer\.nope'"):
-        load_checkpoint(tmp_path, model=make(1)[0], optimizer=None, sharded=False)
+        load_toy_checkpoint(tmp_path, make(1)[0], None, sharded=False)

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.config import DataConfig, UserError
+from gpt2.config import DataConfig
+from gpt2.data import encoding as E
+from gpt2.data import sources as S
 from gpt2.data.loader import TokenLoader
-from gpt2.data.prepare import PreparedData, prepare_data
-from gpt2.data.prepare import encoding as E
-from gpt2.data.prepare import sources as S
+from gpt2.data.prepare import prepare_data
+from gpt2.data.prepared import PreparedData
 from gpt2.data.shards import TokenStream, write_shard
+from gpt2.errors import UserError
 from gpt2.tokenizers.gpt2 import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +230,7 @@ def test_loader_shapes_and_shift(counting_file: TokenStream) -> None:
 
 def test_loader_epoch_covers_every_window_once(counting_file: TokenStream) -> None:
     loader = TokenLoader(counting_file, batch_size=7, block_size=16, seed=3)
-    n = loader.windows_per_rank
+    n = loader.n_windows
     assert n == 10_000 // 16
     starts = torch.cat([loader.next_batch()[0][:, 0] for _ in range(n // 7)]).tolist()
     assert len(set(starts)) == len(starts)
@@ -237,20 +239,25 @@ def test_loader_epoch_covers_every_window_once(counting_file: TokenStream) -> No
     assert starts != sorted(starts)
 
 
-def test_loader_ranks_are_disjoint(counting_file: TokenStream) -> None:
-    world = 3
-    seen = []
-    for rank in range(world):
-        loader = TokenLoader(counting_file, batch_size=4, block_size=16, rank=rank, world_size=world, seed=1)
-        per_rank = loader.windows_per_rank
-        seen.append({int(v) for _ in range(per_rank // 4) for v in loader.next_batch()[0][:, 0]})
-    assert all(len(s) == (per_rank // 4) * 4 for s in seen)
-    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+def _windows(loader: TokenLoader, n_batches: int) -> list[int]:
+    return [int(v) // 16 for _ in range(n_batches) for v in loader.next_batch()[0][:, 0]]
+
+
+def test_loader_ranks_are_disjoint_and_the_global_sequence_ignores_the_world_size(counting_file: TokenStream) -> None:
+    one = _windows(TokenLoader(counting_file, batch_size=12, block_size=16, seed=1), 60)  # 720 windows: > 1 epoch
+    for world in (2, 3, 4):
+        ranks = [TokenLoader(counting_file, batch_size=12 // world, block_size=16, rank=r, world_size=world, seed=1)
+                 for r in range(world)]
+        per_rank = [_windows(loader, 60) for loader in ranks]
+        assert not set(per_rank[0][:100]) & set(per_rank[1][:100])  # disjoint within an epoch
+        steps = [sorted(w for r in per_rank for w in r[12 // world * i: 12 // world * (i + 1)]) for i in range(60)]
+        assert steps == [sorted(one[12 * i: 12 * (i + 1)]) for i in range(60)]  # the same global batches
+        assert all(loader.consumed == 720 for loader in ranks)
 
 
 def test_loader_resume_gives_identical_batches(counting_file: TokenStream) -> None:
     a = TokenLoader(counting_file, batch_size=32, block_size=16, rank=1, world_size=2, seed=7)
-    for _ in range(9):  # 288 windows of 312 per rank: the next batches cross into epoch 1
+    for _ in range(9):  # 576 windows of 625: the next batches cross into epoch 1
         a.next_batch()
     state = a.state_dict()
     assert all(isinstance(v, int) for v in state.values())
@@ -263,6 +270,27 @@ def test_loader_resume_gives_identical_batches(counting_file: TokenStream) -> No
     c = TokenLoader(counting_file, batch_size=32, block_size=8, rank=1, world_size=2, seed=7)
     with pytest.raises(UserError, match="block_size=16 but now block_size=8"):
         c.load_state_dict(state)
+
+
+def test_loader_resumes_at_another_world_size_with_the_next_global_windows(counting_file: TokenStream) -> None:
+    two = [TokenLoader(counting_file, batch_size=8, block_size=16, rank=r, world_size=2, seed=5) for r in range(2)]
+    for loader in two:
+        for _ in range(30):
+            loader.next_batch()
+    one = TokenLoader(counting_file, batch_size=16, block_size=16, seed=5)
+    one.load_state_dict(two[0].state_dict())
+    reference = TokenLoader(counting_file, batch_size=16, block_size=16, seed=5)
+    _windows(reference, 30)
+    assert _windows(one, 20) == _windows(reference, 20)
+
+
+def test_loader_reads_a_per_rank_position_of_an_older_checkpoint(counting_file: TokenStream) -> None:
+    """Format 1 saved (epoch, position) in each rank's share perm[rank::world]: the same windows follow."""
+    loader = TokenLoader(counting_file, batch_size=4, block_size=16, rank=1, world_size=2, seed=9)
+    loader.load_state_dict({"epoch": 0, "position": 100, "world_size": 2, "seed": 9, "shuffle": 1,
+                            "block_size": 16, "n_windows": 625})
+    perm = np.random.default_rng(9).permutation(625)
+    assert _windows(loader, 1) == perm[1::2][100:104].tolist()
 
 
 def test_loader_reset_repeats_validation_batches(counting_file: TokenStream) -> None:

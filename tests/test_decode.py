@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 from gpt2.generate.decoders import decoder_for, release_graphs, resolve_mode
 from gpt2.generate.sampling import generate
 from gpt2.model.gpt import GPT
@@ -54,14 +54,14 @@ def test_static_decode_equals_eager_and_hf(models: tuple[GPT, object], batch: in
     got = {}
     for mode in ("static", "eager"):
         torch.manual_seed(123)  # generator=None: the global RNG, as HF samples with it
-        got[mode] = generate(ours, prompt, 40, decode=mode, **kw)
+        got[mode] = generate(ours, prompt, 40, decode_mode=mode, **kw)
     want = hf_generate(hf, prompt, 40, seed=123, **kw)
     assert got["static"].shape == want.shape == (batch, 47)
     assert got["static"].tolist() == got["eager"].tolist()
     assert got["static"].tolist() == want.tolist()
     # with an explicit generator too (the CLI's way): same seed, same tokens on both paths
     if sampling != "greedy":
-        a, b = (generate(ours, prompt, 40, decode=mode, generator=torch.Generator().manual_seed(7), **kw)
+        a, b = (generate(ours, prompt, 40, decode_mode=mode, generator=torch.Generator().manual_seed(7), **kw)
                 for mode in ("static", "eager"))
         assert a.tolist() == b.tolist()
 
@@ -83,9 +83,9 @@ def test_static_cache_logits_match_eager(models: tuple[GPT, object]) -> None:
 def test_decode_modes_resolve() -> None:
     cpu = torch.device("cpu")
     assert resolve_mode("auto", cpu) == "eager" and resolve_mode("static", cpu) == "static"
-    with pytest.raises(UserError, match="decode=graph needs CUDA.*decode=static"):
+    with pytest.raises(UserError, match="decode_mode=graph needs CUDA.*decode_mode=static"):
         resolve_mode("graph", cpu)
-    with pytest.raises(UserError, match="decode='fast' is not supported; choose one of auto, eager, static, graph"):
+    with pytest.raises(UserError, match="decode_mode='fast' is not supported; choose one of auto, eager, static"):
         resolve_mode("fast", cpu)
 
 
@@ -96,13 +96,13 @@ def test_cuda_graph_decode_equals_eager(models: tuple[GPT, object]) -> None:
     model.load_state_dict(ours.state_dict())
     prompt = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(1)).cuda()
     assert resolve_mode("auto", prompt.device) == "graph"
-    eager = generate(model, prompt, 30, temperature=0.0, decode="eager")
-    graph = generate(model, prompt, 30, temperature=0.0, decode="graph")
-    again = generate(model, prompt, 30, temperature=0.0, decode="graph")  # replays the captured graph
+    eager = generate(model, prompt, 30, temperature=0.0, decode_mode="eager")
+    graph = generate(model, prompt, 30, temperature=0.0, decode_mode="graph")
+    again = generate(model, prompt, 30, temperature=0.0, decode_mode="graph")  # replays the captured graph
     assert graph.tolist() == eager.tolist() == again.tolist()
     assert graph.tolist() == hf_generate(hf.cuda(), prompt, 30, seed=0).tolist()
     gens = [torch.Generator(device="cuda").manual_seed(3) for _ in range(2)]
-    a, b = (generate(model, prompt, 30, temperature=0.8, top_k=50, generator=g, decode=m)
+    a, b = (generate(model, prompt, 30, temperature=0.8, top_k=50, generator=g, decode_mode=m)
             for g, m in zip(gens, ("graph", "eager")))
     assert a.tolist() == b.tolist()
     release_graphs(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 from gpt2.runtime.device import DTYPES, autocast, grad_scaler, resolve_device, resolve_dtype, resolve_precision
 
 CPU = torch.device("cpu")

@@ -14,18 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2.config import ModelConfig, TrainConfig, UserError
+from gpt2.config import ModelConfig, TrainConfig
 from gpt2.data.shards import write_shard
+from gpt2.errors import UserError
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows
 from gpt2.model.gpt import GPT
 from gpt2.model.hf import gpt_to_hf
-from gpt2.runtime.distributed import DistInfo
 from gpt2.train.metrics import read_metrics
-from gpt2.train.optim import build_optimizer
 from gpt2.train.trainer import Trainer
 
-from .helpers import REPO, compose_train, subprocess_env
+from .helpers import REPO, compose_train, subprocess_env, tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -67,7 +66,7 @@ EASY = np.tile(np.arange(100, 116), 400)  # a 16-token cycle: predictable once l
 def _learned_model(steps: int = 30) -> GPT:
     """A tiny GPT trained on EASY (so EASY tokens are easy and random tokens hard)."""
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_positions=64, vocab_size=512))  # a small vocabulary keeps the test fast
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512))  # a small vocabulary keeps the test fast
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     data = torch.from_numpy(EASY[: 8 * 33].reshape(8, 33).astype(np.int64))
     for _ in range(steps):
@@ -119,9 +118,8 @@ def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -
     cfg: TrainConfig = compose_train(["model=tiny", "model.n_positions=64", "block_size=32", "micro_batch_size=4",
                                       "total_batch_tokens=128", "device=cpu", "precision=fp32", "logger=none",
                                       "sample_tokens=0", "progress_bar=false", *overrides])
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=CPU)
     loader = TokenLoader(TokenStream([val_path]), cfg.micro_batch_size, cfg.block_size, shuffle=False)
-    return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), loader, loader, info, tmp_path)
+    return tiny_trainer(cfg, tmp_path, model, (loader, loader))
 
 
 @pytest.mark.slow
@@ -205,7 +203,7 @@ def test_hellaswag_scores_equal_an_independent_transformers_computation(tmp_path
     from gpt2.tokenizers.gpt2 import get_tokenizer
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_positions=64)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=50257)
     model = GPT(cfg).eval()
     hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=50257)
     hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
@@ -243,7 +241,7 @@ def test_bad_hellaswag_lines_name_the_line(tmp_path: Path, line: str, message: s
 
 
 def test_offline_download_says_how_to_provide_the_file(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"cannot download HellaSwag.*hellaswag.path=FILE"):
+    with pytest.raises(UserError, match=r"cannot download HellaSwag from .*hellaswag.path=FILE"):
         hellaswag.download(tmp_path, url="http://127.0.0.1:9/hellaswag_val.jsonl", timeout=5)
     assert not list((tmp_path / "hellaswag").iterdir())  # nothing half-written
     with pytest.raises(UserError, match="hellaswag.path=.*does not exist"):
@@ -378,7 +376,7 @@ def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, t
     from gpt2.tokenizers.gpt2 import get_tokenizer
 
     torch.manual_seed(1)
-    model = GPT(ModelConfig(n_positions=64)).eval()
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=50257)).eval()
     export_hf(model, model.cfg, tmp_path / "hf")
     items = write_jsonl(tmp_path / "hs.jsonl", tricky_items(12, seed=2))
     cfg = EvalRunConfig(pretrained=str(tmp_path / "hf"), tasks=["hellaswag"], device="cpu", dtype="fp32",

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import GenerateConfig, ModelConfig, TrainConfig, UserError, to_dict
-from gpt2.generate.sampling import _Streamer, generate, generate_samples, sample_next
+from gpt2.config import GenerateConfig, ModelConfig
+from gpt2.errors import UserError
+from gpt2.generate.samples import _Streamer, generate_samples
+from gpt2.generate.sampling import generate, sample_next
 from gpt2.model.gpt import GPT
+from tests.helpers import save_model_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,13 +174,10 @@ def test_run_generate_cli(hf_dir: Path, ranks_file: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_run_generate_from_checkpoint_and_errors(ranks_file: str, tmp_path: Path) -> None:
-    from gpt2.checkpoint.io import save_checkpoint
 
     model = tiny_model(vocab_size=50257)
     run_dir = tmp_path / "run"
-    save_checkpoint(run_dir, 3, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    trainer_state={}, rank_state={}, config=to_dict(TrainConfig(model=model.cfg)), val_loss=None,
-                    keep_last=2, keep_best=False, sharded=False)
+    save_model_checkpoint(run_dir, 3, model)
     work = tmp_path / "cwd"
     work.mkdir()
     ok = run_generate([f"checkpoint={run_dir}", f"tokenizer_path={ranks_file}", "prompt=ROMEO:", "max_new_tokens=8",

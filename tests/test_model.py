@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2.config import ModelConfig, UserError
+from gpt2.config import ModelConfig
+from gpt2.errors import UserError
 from gpt2.model.gpt import GPT, model_from_state_dict
 from gpt2.model.presets import model_preset
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import ModelConfig, TrainConfig, UserError, to_dict
+from gpt2.config import ModelConfig
+from gpt2.errors import UserError
 from gpt2.model.gpt import GPT
 from gpt2.model.hf import export_hf, gpt_to_hf, hf_to_gpt, load_pretrained, model_config_from_hf
+from tests.helpers import save_model_checkpoint
 
 transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[1]
@@ -142,18 +144,15 @@ def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
-    from gpt2.checkpoint.io import save_checkpoint
 
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=50257, pad_vocab_multiple=64)
     model = GPT(cfg).eval()
     run_dir = tmp_path / "run"
-    save_checkpoint(run_dir, 7, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    trainer_state={"step": 7}, rank_state={}, config=to_dict(TrainConfig(model=cfg)), val_loss=None,
-                    keep_last=2, keep_best=False, sharded=False)
+    save_model_checkpoint(run_dir, 7, model)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "gpt2.checkpoint.export", str(run_dir), str(out)], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "run_export.py", str(run_dir), str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"wrote {out / 'config.json'}" in proc.stdout
@@ -161,7 +160,7 @@ def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(out, idx), model(idx).logits)
 
-    proc = subprocess.run([sys.executable, "-m", "gpt2.checkpoint.export", str(tmp_path / "nope"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, "run_export.py", str(tmp_path / "nope"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

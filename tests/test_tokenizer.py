@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 from gpt2.tokenizers.gpt2 import PAT_STR, R50K_URL, get_tokenizer
 
 TEXTS = [

@@ -8,22 +8,18 @@ import math
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from gpt2.config import TrainConfig
-from gpt2.model.gpt import GPT
 from gpt2.runtime.device import DTYPES
-from gpt2.runtime.distributed import DistInfo
 from gpt2.train.metrics import read_metrics
-from gpt2.train.optim import build_optimizer
-from gpt2.train.train import build_data, train
+from gpt2.train.train import train
 from gpt2.train.trainer import Trainer
 
-from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env
+from .helpers import REPO, compose_train, run_torchrun, run_train_cli, subprocess_env, tiny_trainer
 
 
 def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
@@ -47,11 +43,7 @@ def test_tiny_model_learns_shakespeare(tmp_path: Path, base_overrides: list[str]
 
 
 def make_trainer(cfg: TrainConfig, tmp_path: Path) -> Trainer:
-    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    train_loader, val_loader = build_data(cfg, info)
-    torch.manual_seed(cfg.seed)
-    model = GPT(replace(cfg.model, vocab_size=50257))  # the GPT-2 tokenizer's (null: follows the tokenizer)
-    return Trainer(cfg, model, build_optimizer(model, cfg.optimizer, "cpu"), train_loader, val_loader, info, tmp_path)
+    return tiny_trainer(cfg, tmp_path)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path, base_overrides: list[str]) -> None:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 from gpt2.model.gpt import check_state_shapes
 
 _METADATA_CLASSES = {

@@ -1,12 +1,11 @@
-"""The on-disk checkpoint format: file names, durable writes, safe reads, discovery, and deletion.
+"""The on-disk checkpoint format: file names, meta.json (and the one upgrade of older formats), durable
+writes and safe reads of the files in a checkpoint, and the model weights read without a process group.
 
-Layout of one checkpoint, ``<run_dir>/checkpoints/step_00000100/``:
-``model.safetensors`` + ``optimizer.pt`` (plain runs) or ``dcp/`` (FSDP, sharded), ``trainer.pt``,
-``rank_00000.pt`` ... (per-rank data position and RNG), ``meta.json`` and ``COMPLETE`` (written last).
-A checkpoint is built as ``step_XXXXXXXX.tmp`` and renamed into place only once complete; one is
-deleted by first renaming it to ``step_XXXXXXXX.deleting``. So a crash never leaves a ``step_*`` dir
-that looks valid but is not. Every file is read without executing pickled code
-(``torch.load(weights_only=True)``, safetensors, and a restricted unpickler for DCP metadata).
+Layout of one checkpoint, ``<run_dir>/checkpoints/step_00000100/``: ``model.safetensors`` +
+``optimizer.pt`` (plain runs) or ``dcp/`` (FSDP, sharded), ``trainer.pt`` (the global training state,
+data position included), ``rank_00000.pt`` ... (each rank's RNG streams), extra files such as our BPE's
+``tokenizer.json``, ``meta.json`` and ``COMPLETE`` (written last). Every file is read without executing
+pickled code (``torch.load(weights_only=True)``, safetensors, and a restricted unpickler for DCP metadata).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from gpt2.config import ModelConfig, UserError, from_dict
+from gpt2.errors import UserError
 from gpt2.runtime.distributed import unwrap_model
+from gpt2.tokenizers.factory import GPT2_RECORD
 
-FORMAT = 1
+FORMAT = 2
+"""2: meta.json always holds `plan.model` and `tokenizer`; trainer.pt holds the global data position.
+Older formats are brought up to date by `upgrade` when read."""
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -35,6 +36,7 @@ TRAINER_FILE = "trainer.pt"
 DCP_DIR = "dcp"
 STEP_DIR = re.compile(r"^step_(\d{8,})(\.old)?$")
 LEFTOVER = re.compile(r"^step_\d{8,}(\.old|\.tmp|\.old\.deleting|\.tmp\.deleting|\.deleting)$")
+RESUME_FIX = "Check the path or start without resume."
 
 
 def step_dir_name(step: int) -> str:
@@ -52,18 +54,11 @@ def checkpoints_dir(root: str | Path) -> Path:
     return root if root.name == CHECKPOINTS_DIR else root / CHECKPOINTS_DIR
 
 
-# ------------------------------------------------------------------ durable writes, safe reads
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# ------------------------------------------------------------------ files inside a checkpoint
 
 
 def torch_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` inside a checkpoint being built, flushed to disk (the folder is published whole)."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
@@ -98,7 +93,49 @@ def torch_load(path: Path) -> Any:
         ) from None
 
 
-# ------------------------------------------------------------------ model state
+# ------------------------------------------------------------------ meta.json
+
+
+def upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """meta.json of any earlier format in the current one. Format 1 could lack the run plan (the model was
+    then `config.model`) and the tokenizer record (it was then GPT-2's)."""
+    if meta.get("format") == 1:
+        config = meta.get("config") or {}
+        plan = meta.get("plan") or {"model": config.get("model") or {}}
+        meta = {**meta, "format": 2, "plan": plan, "tokenizer": meta.get("tokenizer") or dict(GPT2_RECORD)}
+    return meta
+
+
+def upgrade_trainer_state(trainer_state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
+    """trainer.pt of an earlier format in the current one. Format 1 kept the data position in each rank's file
+    (the same (epoch, position) in every rank's share of the windows); it is moved into the trainer state,
+    where the loader converts it to the global position."""
+    if "train_loader" not in trainer_state and (ckpt / rank_file(0)).is_file():
+        rank0 = torch_load(ckpt / rank_file(0))
+        if isinstance(rank0, dict) and "train_loader" in rank0:
+            trainer_state = {**trainer_state, "train_loader": rank0["train_loader"]}
+    return trainer_state
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint, in the current format; UserError when COMPLETE or a readable
+    meta.json is missing."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"{ckpt} is not a checkpoint directory (expected a step_XXXXXXXX/ dir).")
+    if not (ckpt / COMPLETE).is_file():
+        raise UserError(f"{ckpt / COMPLETE} is missing: the save of {ckpt} never finished; use an earlier checkpoint.")
+    try:
+        meta = json.loads((ckpt / META).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read {ckpt / META} ({short_error(e)}); the checkpoint is damaged.") from None
+    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT) or not isinstance(meta.get("step"), int):
+        raise UserError(f"{ckpt / META} is not a gpt2 checkpoint meta file (need format <= {FORMAT} and an int "
+                        f"step).")
+    return upgrade(meta)
+
+
+# ------------------------------------------------------------------ model weights
 
 
 def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -114,95 +151,6 @@ def plain_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, st
         seen[ident] = key
         tensors[key] = t.detach().to("cpu").contiguous()
     return tensors, aliases
-
-
-# ------------------------------------------------------------------ discovery
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    """meta.json of a complete checkpoint; UserError when COMPLETE or a readable meta.json is missing."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise UserError(f"{ckpt} is not a checkpoint directory (expected a step_XXXXXXXX/ dir).")
-    if not (ckpt / COMPLETE).is_file():
-        raise UserError(f"{ckpt / COMPLETE} is missing: the save of {ckpt} never finished; use an earlier checkpoint.")
-    try:
-        meta = json.loads((ckpt / META).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not read {ckpt / META} ({short_error(e)}); the checkpoint is damaged.") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("step"), int):
-        raise UserError(f"{ckpt / META} is not a gpt2 checkpoint meta file (need format={FORMAT} and an int step).")
-    return meta
-
-
-def _is_valid(ckpt: Path) -> bool:
-    try:
-        read_meta(ckpt)
-        return True
-    except UserError:
-        return False
-
-
-def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under a checkpoints/ dir, oldest first (a ``.old`` one only if its final is gone)."""
-    found: dict[int, Path] = {}
-    if not ckpt_dir.is_dir():
-        return []
-    for child in sorted(ckpt_dir.iterdir()):
-        m = STEP_DIR.match(child.name)
-        if not m or not child.is_dir() or not _is_valid(child):
-            continue
-        step = int(m.group(1))
-        if m.group(2) is None or step not in found:
-            found[step] = child
-    return sorted(found.items())
-
-
-def find_latest(path: str | Path) -> Path | None:
-    """Newest complete checkpoint in a run dir, its checkpoints/ dir, or the checkpoint dir itself (or a file in it)."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        path = path.parent
-    if not path.is_dir():
-        return None
-    if (path / META).exists() or (path / COMPLETE).exists() or STEP_DIR.match(path.name):
-        return path if _is_valid(path) else None
-    found = step_dirs(path / CHECKPOINTS_DIR) or step_dirs(path)
-    return found[-1][1] if found else None
-
-
-RESUME_FIX = "Check the path or start without resume."
-
-
-def resolve_checkpoint(path: str | Path, fix: str = RESUME_FIX) -> Path:
-    """Like `find_latest`, but a UserError saying what is wrong (and `fix`, the caller's advice) when
-    nothing valid is there."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"checkpoint path {p} does not exist; give a run dir, its checkpoints/ dir or a step_* dir.")
-    found = find_latest(p)
-    if found is not None:
-        return found
-    d = p.parent if p.is_file() else p
-    if (d / META).exists() or (d / COMPLETE).exists() or STEP_DIR.match(d.name):
-        read_meta(d)  # raises the precise reason
-    raise UserError(
-        f"no complete checkpoint under {p} (expected {p}/checkpoints/step_XXXXXXXX/ with a COMPLETE marker); "
-        f"interrupted saves (*.tmp or no COMPLETE) are ignored. {fix}"
-    )
-
-
-# ------------------------------------------------------------------ weights without a process group
-
-
-def read_model_config(ckpt: Path) -> ModelConfig:
-    """The architecture a checkpoint was trained with (plan.model in its meta.json; config.model in
-    checkpoints from before run plans)."""
-    meta = read_meta(ckpt)
-    try:
-        return from_dict(ModelConfig, (meta.get("plan") or meta["config"])["model"])
-    except (KeyError, TypeError) as err:
-        raise UserError(f"{Path(ckpt) / META} has no config.model section ({err}); is it a gpt2 checkpoint?") from err
 
 
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -231,44 +179,3 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
                             f"the file is damaged, use another checkpoint.")
         sd[alias] = sd[key]  # re-tie (e.g. lm_head.weight -> transformer.wte.weight)
     return sd
-
-
-def load_weights(path: str | Path, fix: str = RESUME_FIX) -> tuple[Path, ModelConfig, dict[str, torch.Tensor]]:
-    """For inference and export: the checkpoint found at `path` (file, step dir, checkpoints/ or run
-    dir), its model config and its full model state dict (from either format, no process group).
-    `fix` is the advice given when no checkpoint is there."""
-    ckpt = resolve_checkpoint(path, fix)
-    return ckpt, read_model_config(ckpt), load_model_state(ckpt)
-
-
-# ------------------------------------------------------------------ deletion
-
-
-def delete_checkpoint(path: Path) -> None:
-    """Delete a checkpoint dir. One that discovery would accept (``step_X``, ``step_X.old``) is first
-    retired atomically (renamed to ``<name>.deleting``, which discovery ignores), so a kill mid-way never
-    leaves a ``step_*`` dir with COMPLETE but missing files; `remove_leftovers` finishes the job later."""
-    if not path.exists():
-        return
-    if STEP_DIR.match(path.name):
-        doomed = path.with_name(path.name + ".deleting")
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(path, doomed)
-        fsync_path(path.parent)
-        path = doomed
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_leftovers(ckpt_dir: Path, older_than: float | None = None,
-                     keep: frozenset[Path] = frozenset()) -> list[Path]:
-    """Delete interrupted saves (``*.tmp``), replaced ``*.old`` dirs and half-deleted ``*.deleting`` dirs:
-    ``.deleting`` ones always, the others when last modified before `older_than` (if given) and not in `keep`
-    (a ``.old`` dir is a live checkpoint while its replacement is missing)."""
-    removed = []
-    for child in sorted(ckpt_dir.iterdir()) if ckpt_dir.is_dir() else []:
-        if not LEFTOVER.match(child.name) or child in keep:
-            continue
-        if child.name.endswith(".deleting") or older_than is None or child.stat().st_mtime < older_than:
-            delete_checkpoint(child)
-            removed.append(child)
-    return removed

@@ -1,26 +1,24 @@
-"""Corpus preparation: documents -> token shards, once, resumably (batches: gpt2/loader.py).
+"""Corpus preparation: documents -> token shards, once, resumably (batches: gpt2.data.loader).
 
-``prepare_data(cfg)`` tokenizes cfg's corpus (gpt2/sources.py) on ``data.num_proc`` processes,
-in document order, into ``<cache_dir>/prepared/<key>/``: ``train_NNNNNN.bin`` and
-``val_NNNNNN.bin`` shards of ``data.shard_tokens`` tokens (llm.c's format, gpt2/shards.py) and a
-``manifest.json`` (source, tokenizer, shards with token counts and sha256, splits). Every
-document is followed by ``<|endoftext|>``. The key hashes the source contents, the tokenizer
+``prepare_data(cfg)`` tokenizes cfg's corpus (gpt2.data.sources) on ``data.num_proc`` processes, in
+document order, into ``<cache_dir>/prepared/<key>/``: ``train_NNNNNN.bin`` and ``val_NNNNNN.bin`` shards of
+``data.shard_tokens`` tokens (llm.c's format, gpt2.data.shards) and a ``manifest.json`` (gpt2.data.prepared).
+Every document is followed by ``<|endoftext|>``. The key hashes the source contents, the tokenizer
 identity, the split, max_tokens and FORMAT_VERSION, so another call (or rank) reuses the folder.
 
-Work happens in ``<key>.partial/`` with a ``state.json`` checkpoint at document boundaries; a
-killed preparation resumes from it, and the finished shards are byte-identical to those of an
-uninterrupted, single-process run. The folder is renamed into place only when complete.
+Work happens in ``<key>.partial/`` with a ``state.json`` checkpoint at document boundaries; a killed
+preparation resumes from it, and the finished shards are byte-identical to those of an uninterrupted,
+single-process run. The folder is moved into place only when complete.
 
-Validation documents are chosen while streaming: a document goes to val when the val split holds
-less than ``val_fraction`` of the tokens seen before it (never the first document). When that
-leaves val empty (a one-document corpus) the val split is the last ``val_fraction`` of train's tokens.
+Validation documents are chosen while streaming: a document goes to val when the val split holds less
+than ``val_fraction`` of the tokens seen before it (never the first document). When that leaves val empty
+(a one-document corpus) the val split is the last ``val_fraction`` of train's tokens.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import logging
@@ -29,27 +27,22 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpt2.config import DataConfig, TokenizerConfig, UserError
+from gpt2.config import DataConfig, TokenizerConfig
 from gpt2.data.encoding import BATCH_CHARS, encoded, tasks
-from gpt2.data.shards import (
-    MANIFEST,
-    ShardWriter,
-    Split,
-    TokenStream,
-    check_vocab,
-    expand_shard_paths,
-    manifest_split,
-    read_manifest,
-    token_dtype,
-)
-from gpt2.data.sources import Source, make_source, shakespeare_files  # noqa: F401  (shakespeare_files: re-export)
-from gpt2.tokenizers.bpe import TOKENIZER_FILE, AnyTokenizer, HFTokenizer, load_tokenizer
+from gpt2.data.prepared import MANIFEST, PreparedData, external_shards, load_prepared
+from gpt2.data.shard_writer import ShardWriter
+from gpt2.data.shards import token_dtype
+from gpt2.data.sources import Source, make_source
+from gpt2.errors import Interrupted, UserError
+from gpt2.runtime.distributed import main_rank_first
+from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer, trained_bpe
+from gpt2.tokenizers.factory import AnyTokenizer, load_named
+from gpt2.utils.fs import atomic_write, move_into_place
 
 log = logging.getLogger(__name__)
 
@@ -60,44 +53,8 @@ CHECKPOINT_S = 30.0
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-class PreparationInterrupted(Exception):
+class PreparationInterrupted(Interrupted):
     """Preparation stopped on request (a preemption signal); its progress is saved for the next run."""
-
-
-@dataclass
-class PreparedData:
-    """A prepared corpus: its folder, manifest and the train/val splits (see gpt2/shards.py)."""
-
-    folder: str
-    train: Split
-    val: Split
-    meta: dict[str, Any] = field(default_factory=dict)
-    tokenizer: Any = None
-    """The tokenizer the tokens belong to (gpt2.tokenizers.bpe.load_tokenizer), when prepare_data resolved it."""
-
-    @property
-    def n_train_tokens(self) -> int:
-        return self.train.n_tokens
-
-    @property
-    def n_val_tokens(self) -> int:
-        return self.val.n_tokens
-
-    def stream(self, split: str) -> TokenStream:
-        """The token stream of "train" or "val" (memory-mapped shards, sliceable as one array)."""
-        return {"train": self.train, "val": self.val}[split].stream()
-
-
-# --------------------------------------------------------------------------- writing
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _progress() -> Any:
@@ -141,8 +98,8 @@ def _tokenize(source: Source, tok: AnyTokenizer, cfg: DataConfig, key: str, work
 
     def save() -> None:
         nonlocal last_save
-        _atomic_json(state_path, {"key": key, "docs_done": docs_done, "n_val_docs": n_val_docs,
-                                  **{name: w.sync() for name, w in writers.items()}})
+        atomic_write(state_path, json.dumps({"key": key, "docs_done": docs_done, "n_val_docs": n_val_docs,
+                                             **{name: w.sync() for name, w in writers.items()}}, indent=1) + "\n")
         last_save = time.time()
 
     target = writers["train"] if docs_done == 0 else None  # the first document always trains
@@ -219,13 +176,6 @@ def _manifest(cfg: DataConfig, source: Source, tok: AnyTokenizer, key: str, done
 # ---------------------------------------------------------------------------- public
 
 
-def load_prepared(folder: str | os.PathLike[str], tokenizer: AnyTokenizer | None = None) -> PreparedData:
-    """A prepared folder (every shard its manifest names checked: present, header, size)."""
-    manifest = read_manifest(folder)
-    return PreparedData(str(folder), manifest_split(folder, manifest, "train"),
-                        manifest_split(folder, manifest, "val"), manifest, tokenizer)
-
-
 def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str) -> str:
     """sha256 of what determines the shards: source contents, tokenizer, split, cap, format."""
     blob = {"format": FORMAT_VERSION, "tokenizer": tokenizer_id, "val_fraction": cfg.val_fraction,
@@ -234,27 +184,16 @@ def prepared_key(cfg: DataConfig, source_key: dict[str, Any], tokenizer_id: str)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _external_shards(cfg: DataConfig, tok: AnyTokenizer) -> PreparedData:
-    """data=shards: llm.c .bin or build-nanogpt .npy shards used as they are."""
-    train = expand_shard_paths(str(cfg.path))
-    check_vocab(TokenStream(train), tok.n_vocab)
-    val_pattern = cfg.val_path
-    head, tail = os.path.split(str(cfg.path))
-    if val_pattern is None and "train" in tail:
-        twin = os.path.join(head, tail.replace("train", "val"))
-        val_pattern = twin if any(os.path.isfile(f) for f in glob.glob(os.path.expanduser(twin))) else None
-    meta = {"data_name": "shards", "source": cfg.path}
-    if val_pattern is not None:
-        val = expand_shard_paths(val_pattern)
-        n = len(TokenStream(train))
-        return PreparedData(os.path.dirname(train[0]), Split(train, 0, n), Split(val, 0, len(TokenStream(val))),
-                            {**meta, "split": "files"}, tok)
-    n = len(TokenStream(train))
-    if n < 2:
-        raise UserError(f"data.path={cfg.path!r} holds {n} token(s); a train and a val split need at least 2.")
-    n_val = min(max(1, math.ceil(cfg.val_fraction * n)), n - 1)
-    return PreparedData(os.path.dirname(train[0]), Split(train, 0, n - n_val), Split(train, n - n_val, n),
-                        {**meta, "split": "tokens"}, tok)
+def run_tokenizer(tokenizer: TokenizerConfig, cfg: DataConfig) -> AnyTokenizer:
+    """The tokenizer a run uses: GPT-2 (tiktoken), a tokenizer.json, or our BPE trained on cfg's corpus (once;
+    cached by corpus contents and settings)."""
+    if tokenizer.name != "bpe":
+        return load_named(tokenizer, cfg.tokenizer_path, cfg.cache_dir)
+    if cfg.name == "shards":
+        raise UserError("tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer "
+                        "the shards were made with (tokenizer=gpt2, or tokenizer=file tokenizer.path=...json).")
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir))
+    return trained_bpe(tokenizer, make_source(cfg, cache_dir), cache_dir)
 
 
 def _wait_lock(path: Path) -> Any:
@@ -286,9 +225,9 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
     cfg.check()  # the same messages as at start-up, for callers that skip `validate`
     tcfg = tokenizer or TokenizerConfig()
     tcfg.check()
-    tok = load_tokenizer(tcfg, cfg)
+    tok = run_tokenizer(tcfg, cfg)
     if cfg.name == "shards":
-        return _external_shards(cfg, tok)
+        return external_shards(cfg, tok)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
     source = make_source(cfg, cache_dir)
     key = prepared_key(cfg, source.key, tok.id)
@@ -308,10 +247,10 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
             done = _tokenize(source, tok, cfg, key, work, should_stop)
             manifest = _manifest(cfg, source, tok, key, done)
             if isinstance(tok, HFTokenizer):
-                (work / TOKENIZER_FILE).write_text(tok.json_text, encoding="utf-8")
+                atomic_write(work / TOKENIZER_FILE, tok.json_text)
             (work / "state.json").unlink()
-            _atomic_json(work / MANIFEST, manifest)
-            os.rename(work, final)
+            atomic_write(work / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            move_into_place(work, final)
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
@@ -324,3 +263,10 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
     log.info("Prepared %d train + %d val tokens in %.1fs", manifest["n_train_tokens"], manifest["n_val_tokens"],
              manifest["seconds"])
     return load_prepared(final, tok)
+
+
+def prepare_on_ranks(cfg: DataConfig, tokenizer: TokenizerConfig | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> PreparedData:
+    """`prepare_data` on rank 0 while the other ranks wait without a deadline, then on the others (which find
+    the prepared folder in the cache); see gpt2.runtime.distributed.main_rank_first."""
+    return main_rank_first(lambda: prepare_data(cfg, should_stop, tokenizer), "prepare the data", should_stop)

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import bisect
 import glob
-import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gpt2.config import UserError
-from gpt2.tokenizers.gpt2 import sha256_file
+from gpt2.errors import UserError
+from gpt2.utils.fs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +55,8 @@ def write_shard(path: str | os.PathLike[str], tokens: np.ndarray) -> None:
     dtype = np.dtype(tokens.dtype).name
     if dtype not in FORMATS:
         raise ValueError(f"shard tokens must be uint16 or uint32, got {dtype}")
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(shard_header(len(tokens), dtype))
-        f.write(np.ascontiguousarray(tokens, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
-    os.replace(tmp, path)
+    data = np.ascontiguousarray(tokens, dtype=np.dtype(dtype).newbyteorder("<"))
+    atomic_write(path, lambda f: (f.write(shard_header(len(tokens), dtype)), f.write(data.tobytes())))
 
 
 def open_shard(path: str | os.PathLike[str]) -> np.ndarray:
@@ -189,94 +184,3 @@ class Split:
 
     def stream(self) -> TokenStream:
         return TokenStream(self.paths, self.start, self.stop)
-
-
-class ShardWriter:
-    """Appends tokens to ``<name>_NNNNNN.bin`` shards of `shard_tokens`; resumable from its state."""
-
-    def __init__(self, folder: Path, name: str, dtype: str, shard_tokens: int, state: dict[str, Any]) -> None:
-        self.folder, self.name, self.dtype, self.shard_tokens = folder, name, dtype, shard_tokens
-        self.itemsize = np.dtype(dtype).itemsize
-        self.shards: list[dict[str, Any]] = list(state.get("shards", []))
-        self.current = int(state.get("current_tokens", 0))
-        self.n_tokens = sum(s["n_tokens"] for s in self.shards) + self.current
-        self.header_bytes = HEADER_BYTES
-        self.f: Any = None
-        for stale in folder.glob(f"{name}_*.bin"):  # written after the last saved state: redone
-            if int(stale.stem.rsplit("_", 1)[1]) > len(self.shards) or (self.current == 0 and
-                                                                         stale.name == self._file()):
-                stale.unlink()
-        if self.current:
-            self.f = open(folder / self._file(), "r+b")
-            self.f.truncate(HEADER_BYTES + self.current * self.itemsize)
-            self.f.seek(0, os.SEEK_END)
-
-    def _file(self) -> str:
-        return f"{self.name}_{len(self.shards):06d}.bin"
-
-    def add(self, tokens: np.ndarray) -> None:
-        while len(tokens):
-            if self.f is None:
-                self.f = open(self.folder / self._file(), "wb")
-                self.f.write(shard_header(0, self.dtype))
-            n = min(len(tokens), self.shard_tokens - self.current)
-            self.f.write(tokens[:n].tobytes())
-            self.current += n
-            self.n_tokens += n
-            tokens = tokens[n:]
-            if self.current == self.shard_tokens:
-                self.finish_shard()
-
-    def finish_shard(self) -> None:
-        """Write the header's token count, sync, and record the shard with its sha256."""
-        if self.f is None:
-            return
-        self.f.seek(0)
-        self.f.write(shard_header(self.current, self.dtype))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        self.f = None
-        self.shards.append({"file": self._file(), "n_tokens": self.current,
-                            "sha256": sha256_file(self.folder / self._file())})
-        log.info("finished shard %s (%d tokens)", self.shards[-1]["file"], self.current)
-        self.current = 0
-
-    def sync(self) -> dict[str, Any]:
-        if self.f is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-        return {"shards": self.shards, "current_tokens": self.current}
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-
-MANIFEST = "manifest.json"
-
-
-def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a prepared folder, every shard it names checked (present, header, size)."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{folder / MANIFEST} is unreadable ({e}); delete {folder} and prepare the data again.") from e
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                raise UserError(f"{folder / MANIFEST} names {shard['file']}, which is missing; delete {folder} and "
-                                f"prepare the data again.")
-            if len(open_shard(path)) != shard["n_tokens"]:
-                raise UserError(f"{path} does not hold the {shard['n_tokens']} tokens its manifest records; delete "
-                                f"{folder} and prepare the data again.")
-    return manifest
-
-
-def manifest_split(folder: str | os.PathLike[str], manifest: dict[str, Any], name: str) -> Split:
-    split = manifest["splits"][name]
-    paths = [str(Path(folder) / s["file"]) for s in split["shards"]]
-    return Split(paths, int(split["start"]), int(split["stop"]))

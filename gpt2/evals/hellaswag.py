@@ -13,9 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpt2.config import UserError
-from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches, world
-from gpt2.tokenizers.gpt2 import sha256_file
+from gpt2.errors import UserError
+from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches
+from gpt2.runtime.ranks import rank_and_world
+from gpt2.utils.download import fetch_url
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 VAL_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
@@ -79,27 +77,9 @@ def default_path(cache_dir: str | os.PathLike[str]) -> Path:
 def download(cache_dir: str | os.PathLike[str], url: str = VAL_URL, timeout: float = 30.0) -> Path:
     """The official validation file in `<cache_dir>/hellaswag/`, downloaded once and sha256-checked."""
     dest = default_path(cache_dir)
-    if dest.is_file():
-        return dest
     how = (f"download {VAL_URL} on a machine with network and pass hellaswag.path=FILE (training: "
            f"eval.hellaswag.path=FILE), or copy it to {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".hellaswag_val.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-        digest = sha256_file(tmp)
-        if digest != VAL_SHA256:
-            raise UserError(f"{url} has sha256 {digest}, expected {VAL_SHA256}; the file changed or the download "
-                            f"is corrupt. {how}.")
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        raise UserError(f"cannot download HellaSwag ({err}); {how}.") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dest
+    return fetch_url(url, dest, VAL_SHA256, "HellaSwag", how, timeout=timeout)
 
 
 def resolve_path(path: str | None, cache_dir: str | os.PathLike[str]) -> Path:
@@ -187,7 +167,7 @@ def score(model: nn.Module, rendered: Sequence[Rendered], *, batch_size: int, de
           autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> HellaSwagResult:
     """Score every item (batch_size items = 4 * batch_size rows per forward), split over the ranks
     of the process group; every rank returns the full result."""
-    rank, world_size = world()
+    rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     index: list[int] = []

@@ -1,4 +1,4 @@
-"""Validation loss as an unbiased estimate of a whole split (issue #17).
+"""Validation loss as an unbiased estimate of a whole split.
 
 `select_windows` picks the windows once: every non-overlapping window of the split when it holds at
 most `max_tokens` tokens (plus an end-aligned window for the tail, so every token but the first is
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpt2.config import UserError
-from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches, world
+from gpt2.errors import UserError
+from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches
+from gpt2.runtime.ranks import rank_and_world
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def val_loss(model: nn.Module, tokens: Sequence[int] | np.ndarray, windows: ValW
     rank, so it must agree across ranks); when it says stop, the result is marked incomplete."""
     T = windows.block_size
     n = len(windows.starts)
-    rank, world_size = world()
+    rank, world_size = rank_and_world()
     was_training = model.training
     model.eval()
     index: list[int] = []

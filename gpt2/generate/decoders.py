@@ -16,18 +16,18 @@ import weakref
 import torch
 from torch import Tensor
 
-from gpt2.config import UserError
+from gpt2.config import DECODE_MODES
+from gpt2.errors import UserError
 from gpt2.model.gpt import GPT, KVCache
-
-MODES = ("auto", "eager", "static", "graph")
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
     """auto -> graph on CUDA (outside autocast, whose weight-cast cache does not mix with capture), else eager."""
-    if mode not in MODES:
-        raise UserError(f"decode={mode!r} is not supported; choose one of {', '.join(MODES)}.")
+    if mode not in DECODE_MODES:
+        raise UserError(f"decode_mode={mode!r} is not supported; choose one of {', '.join(DECODE_MODES)}.")
     if mode == "graph" and device.type != "cuda":
-        raise UserError(f"decode=graph needs CUDA, but the model is on {device.type}; use decode=static or eager.")
+        raise UserError(f"decode_mode=graph needs CUDA, but the model is on {device.type}; use decode_mode=static "
+                        f"or eager.")
     if mode == "auto":
         graphable = device.type == "cuda" and not torch.is_autocast_enabled("cuda")
         return "graph" if graphable else "eager"

@@ -1,22 +1,18 @@
-"""Sampling: `generate` (KV-cached decoding with temperature, top-k and top-p) and `generate_samples`,
-the testable body of run_generate.py (load a checkpoint or pretrained model, encode, sample, print)."""
+"""Sampling: `generate` (KV-cached decoding with temperature, top-k and top-p) and `sample_next`.
+gpt2.generate.samples is the body of run_generate.py."""
 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
-from typing import TextIO
 
 import torch
 from torch import Tensor, nn
 
-from gpt2.config import GenerateConfig, UserError
+from gpt2.errors import UserError
 from gpt2.generate.decoders import decoder_for, resolve_mode
-from gpt2.model.gpt import GPT, model_from_state_dict
-from gpt2.runtime.device import resolve_device, resolve_dtype
+from gpt2.model.gpt import GPT
 from gpt2.runtime.distributed import unwrap_model
-from gpt2.train.metrics import check_output_file, write_text_atomic
 
 
 def sample_next(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -62,15 +58,15 @@ def _cpu_decode_layout(model: GPT) -> Iterator[None]:
 
 def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, eos_token: int | None = None,
-             on_token: Callable[[Tensor], None] | None = None, decode: str = "auto") -> Tensor:
+             on_token: Callable[[Tensor], None] | None = None, decode_mode: str = "auto") -> Tensor:
     """Continue idx (B, T) by max_new_tokens tokens; returns (B, T + n) with n <= max_new_tokens.
 
     The prompt is run once (prefill) into a KV cache, then one token per step. `on_token` gets each new
     (B, 1) column as it is sampled. With `eos_token`, a row that produced it keeps emitting it, and decoding
     stops once every row has (that check reads the GPU every step). A generator makes sampling reproducible
-    (it must live on the model's device). `decode` picks the decoder (see gpt2.generate.decoders): auto = CUDA graphs
-    on CUDA, eager elsewhere; eager, static or graph. The total length must fit n_positions: the caller
-    crops the prompt.
+    (it must live on the model's device). `decode_mode` picks the decoder (see gpt2.generate.decoders):
+    auto = CUDA graphs on CUDA, eager elsewhere; eager, static or graph. The total length must fit
+    n_positions: the caller crops the prompt.
     """
     model = unwrap_model(model)  # decode eagerly even if the model was torch.compile'd or DDP-wrapped
     T = idx.size(1)
@@ -82,7 +78,7 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: float
         raise UserError(f"prompt of {T} tokens + max_new_tokens={max_new_tokens} = {total} exceeds n_positions="
                         f"{n_positions}; crop the prompt to its last {max(n_positions - max_new_tokens, 0)} tokens "
                         f"or lower max_new_tokens.")
-    mode = resolve_mode(decode, model.transformer.wte.weight.device)
+    mode = resolve_mode(decode_mode, model.transformer.wte.weight.device)
     if max_new_tokens <= 0:
         return idx
     with _cpu_decode_layout(model), torch.inference_mode():
@@ -118,104 +114,3 @@ def _generate(model: GPT, idx: Tensor, max_new_tokens: int, *, temperature: floa
         return out
     finally:
         model.train(was_training)
-
-
-# ------------------------------------------------------------------ run_generate.py
-
-
-CHECKPOINT_FIX = ("Check the path: checkpoint= takes a training run dir, its checkpoints/ dir or a step_* dir; "
-                  "for a Hugging Face model use pretrained=NAME|DIR instead.")
-
-
-def load_model(checkpoint: str | None = None, pretrained: str | None = None) -> GPT:
-    """A GPT from a training checkpoint (file, checkpoint dir or run dir) or a pretrained HF name/directory."""
-    if pretrained is not None:
-        from gpt2.model.hf import load_pretrained
-
-        return load_pretrained(pretrained)
-    if checkpoint is None:
-        raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
-    from gpt2.checkpoint.format import load_weights
-
-    ckpt, cfg, state = load_weights(checkpoint, fix=CHECKPOINT_FIX)
-    return model_from_state_dict(cfg, state, source=str(ckpt))
-
-
-def _prompt_tokens(tokens: list[int], cfg: GenerateConfig, n_positions: int, eot: int) -> list[int]:
-    """The prompt ids (the end-of-text token when empty), cropped or refused when too long."""
-    tokens = tokens or [eot]
-    limit = n_positions - cfg.max_new_tokens
-    if limit < 1:
-        raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in n_positions="
-                        f"{n_positions}; lower max_new_tokens to at most {n_positions - 1}.")
-    if len(tokens) > limit:
-        if not cfg.crop_prompt:
-            raise UserError(f"the prompt is {len(tokens)} tokens but only n_positions - max_new_tokens = "
-                            f"{n_positions} - {cfg.max_new_tokens} = {limit} fit; shorten the prompt, lower "
-                            f"max_new_tokens, or set crop_prompt=true to keep its last {limit} tokens.")
-        print(f"note: prompt cropped to its last {limit} of {len(tokens)} tokens.", file=sys.stderr)
-        tokens = tokens[-limit:]
-    return tokens
-
-
-class _Streamer:
-    """Prints tokens as they arrive. It decodes the whole running sequence and prints the new suffix,
-    holding back a trailing partial UTF-8 character (decoded as U+FFFD) until it is complete."""
-
-    def __init__(self, decode: Callable[[list[int]], str], out: TextIO) -> None:
-        self.decode, self.out = decode, out
-        self.ids: list[int] = []
-        self.printed = ""
-
-    def __call__(self, token: Tensor) -> None:
-        self.ids.append(int(token[0, 0]))
-        self._emit(self.decode(self.ids).rstrip("\ufffd"))
-
-    def finish(self) -> None:
-        self._emit(self.decode(self.ids))
-
-    def _emit(self, text: str) -> None:
-        if text.startswith(self.printed) and len(text) > len(self.printed):
-            self.out.write(text[len(self.printed):])
-            self.out.flush()
-            self.printed = text
-
-
-def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]:
-    """Load the model and tokenizer named by cfg, draw cfg.num_samples continuations of cfg.prompt,
-    print them to `out` (streaming when cfg.stream) and return them (prompt + completion)."""
-    from gpt2.tokenizers.bpe import for_inference
-
-    cfg.check()
-    output_file = check_output_file("output_file", cfg.output_file) if cfg.output_file else None  # before loading
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path, CHECKPOINT_FIX)
-    model = load_model(cfg.checkpoint, cfg.pretrained).to(device=device, dtype=dtype).eval()
-    prompt = _prompt_tokens(tokenizer.encode(cfg.prompt), cfg, model.cfg.n_positions, tokenizer.eot_token)
-    if max(prompt) >= model.cfg.vocab_size:
-        raise UserError(f"the prompt has token id {max(prompt)} but the model's vocab_size is only "
-                        f"{model.cfg.vocab_size}; this model was not trained with this tokenizer ({tokenizer.id}).")
-    idx = torch.tensor([prompt] * cfg.num_samples, dtype=torch.long, device=device)  # (num_samples, T): one batch
-    torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    streamer = None
-    if cfg.stream:  # the first sample is printed as it is decoded, the others when the batch is done
-        streamer = _Streamer(tokenizer.decode, out)
-        out.write(tokenizer.decode(prompt))
-        out.flush()
-    ids = generate(model, idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                   top_p=cfg.top_p, generator=generator, on_token=streamer, decode=cfg.decode)
-    samples = [tokenizer.decode(row) for row in ids.tolist()]
-    for i, text in enumerate(samples):
-        if i > 0:
-            out.write("\n---------------\n")
-        if i == 0 and streamer is not None:
-            streamer.finish()
-        else:
-            out.write(text)
-    out.write("\n")
-    out.flush()
-    if output_file is not None:
-        write_text_atomic(output_file, "\n---------------\n".join(samples) + "\n")
-    return samples

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gpt2.config import ModelConfig, UserError
+from gpt2.config import ModelConfig
+from gpt2.errors import UserError
 from gpt2.model.gpt import GPT, StateDictMismatch, model_from_state_dict
 from gpt2.model.presets import HUB_MODELS, preset_for
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from gpt2.config import ConfigError, ModelConfig, from_dict
+from gpt2.config import ModelConfig
+from gpt2.errors import ConfigError
+from gpt2.utils.serialize import from_dict
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")

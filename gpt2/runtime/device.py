@@ -1,7 +1,9 @@
 """Device and precision: the one place that resolves `device=` and precision names, knows which
-dtype a name means, whether bf16 is native, and builds autocast contexts and the fp16 GradScaler.
+dtype a name means, whether bf16 is native, what a GPU's peak FLOP/s are, and builds autocast contexts
+and the fp16 GradScaler.
 
-Training, generation, evaluation and the benchmarks all ask this module (no other dtype tables).
+Training, generation, evaluation and the benchmarks all ask this module (no other dtype tables); the
+allowed names themselves are gpt2.config.PRECISIONS.
 """
 
 from __future__ import annotations
@@ -10,11 +12,30 @@ import contextlib
 
 import torch
 
-from gpt2.config import ConfigError, UserError
+from gpt2.config import PRECISIONS, check_device
+from gpt2.errors import ConfigError, UserError
 
-# Precision name -> the dtype computations run in ("auto" is resolved per device, see `resolve_precision`).
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("auto", *DTYPES)
+"""Precision name -> the dtype computations run in (auto is resolved per device, see `resolve_precision`)."""
+
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "V100": 125e12,
+}
+"""Dense bf16 peak FLOP/s per device, by substring of torch.cuda.get_device_name()."""
+
+
+def detect_peak_flops(device_name: str | None) -> float | None:
+    """Peak dense bf16 FLOP/s for a known GPU name, else None (MFU is then not reported)."""
+    if not device_name:
+        return None
+    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in device_name), None)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -22,10 +43,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     `gpt2.runtime.slurm.device_index`); cuda:N and cpu as given. ConfigError for missing CUDA or a bad name."""
     from gpt2.runtime.slurm import device_index
 
+    check_device("device", device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"device={device!r} is not supported; use auto, cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use device=cpu or device=auto.")
     if device == "cuda":

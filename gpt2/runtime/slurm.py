@@ -29,7 +29,7 @@ import logging
 import os
 import subprocess
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
 
 log = logging.getLogger("gpt2")
 

@@ -1,10 +1,7 @@
-"""Our own byte-level BPE (Hugging Face ``tokenizers``), and the one place that turns a
-``tokenizer`` config into a tokenizer object.
-
-``tokenizer=gpt2`` is tiktoken's GPT-2 encoding (gpt2/tokenizer.py). ``tokenizer=bpe`` trains a
-byte-level BPE on the corpus once per (corpus contents, settings) and caches its tokenizer.json
-under ``<cache_dir>/tokenizer/bpe-<key>.json`` (written atomically); ``tokenizer=file`` loads an
-existing tokenizer.json. Both are wrapped in `HFTokenizer`, which has the GPT-2 `Tokenizer`'s API.
+"""Our own byte-level BPE (Hugging Face ``tokenizers``): `HFTokenizer`, with the GPT-2 `Tokenizer`'s API,
+wraps a tokenizer.json; `trained_bpe` trains one on a corpus once per (corpus contents, settings) and
+caches it as ``<cache_dir>/tokenizer/bpe-<key>.json``. gpt2.tokenizers.factory turns a ``tokenizer``
+config into a tokenizer.
 """
 
 from __future__ import annotations
@@ -15,13 +12,14 @@ import logging
 import os
 import sys
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gpt2.config import DataConfig, TokenizerConfig, UserError
-from gpt2.tokenizers.gpt2 import EOT, Tokenizer, get_tokenizer
+from gpt2.config import TokenizerConfig
+from gpt2.errors import UserError
+from gpt2.tokenizers.gpt2 import EOT
+from gpt2.utils.fs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -105,20 +103,6 @@ class HFTokenizer:
         return f"HFTokenizer(n_vocab={self.n_vocab}, id={self.id}, source={self.source!r})"
 
 
-AnyTokenizer = Tokenizer | HFTokenizer
-
-
-def describe(tok: AnyTokenizer) -> dict[str, Any]:
-    """meta.json's record of a tokenizer (GPT-2: kind and id only)."""
-    if isinstance(tok, HFTokenizer):
-        return tok.describe()
-    return {"kind": "gpt2", "id": tok.id, "n_vocab": tok.n_vocab, "eot_token": tok.eot_token}
-
-
-def files(tok: AnyTokenizer) -> dict[str, bytes]:
-    return tok.files() if isinstance(tok, HFTokenizer) else {}
-
-
 # ------------------------------------------------------------------ training
 
 
@@ -178,15 +162,18 @@ def bpe_key(cfg: TokenizerConfig, source_key: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
-    """The BPE trained on data's corpus with cfg's settings: from the cache, else trained now and cached."""
-    from gpt2.data.sources import make_source
+class Corpus(Protocol):
+    """What BPE training reads: documents as iterators of text pieces (gpt2.data.sources.Source is one)."""
 
-    if data.name == "shards":
-        raise UserError("tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer "
-                        "the shards were made with (tokenizer=gpt2, or tokenizer=file tokenizer.path=...json).")
-    cache_dir = Path(os.path.expanduser(data.cache_dir))
-    source = make_source(data, cache_dir)
+    key: dict[str, Any]
+    n_bytes: int | None
+    describe: str
+    docs: Callable[[], Iterator[Iterator[str]]]
+
+
+def trained_bpe(cfg: TokenizerConfig, source: Corpus, cache_dir: str | os.PathLike[str]) -> HFTokenizer:
+    """The BPE trained on `source` with cfg's settings: from the cache, else trained now and cached."""
+    cache_dir = Path(os.path.expanduser(str(cache_dir)))
     path = cache_dir / "tokenizer" / f"bpe-{bpe_key(cfg, source.key)[:32]}.json"
     if path.is_file():
         log.info("Reusing trained BPE tokenizer %s", path)
@@ -199,10 +186,7 @@ def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
     total = min(filter(None, (cfg.train_max_bytes, source.n_bytes)), default=None)
     texts = _reading_progress(_training_texts(source.docs(), cfg.train_max_bytes, counter), counter, total)
     text = train_bpe(texts, cfg.vocab_size, cfg.min_frequency, cfg.special_tokens, show_progress=sys.stderr.isatty())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)  # atomic: concurrent trainers end with the same complete file
+    atomic_write(path, text)  # concurrent trainers end with the same complete file
     tok = HFTokenizer.from_json(text, str(path))
     log.info("Trained BPE tokenizer on %.1f MB in %.1fs: %d tokens -> %s", counter[0] / 1e6, time.time() - t0,
              tok.n_vocab, path)
@@ -212,68 +196,3 @@ def trained_bpe(cfg: TokenizerConfig, data: DataConfig) -> HFTokenizer:
                     "tokenizer.vocab_size, or a larger train_max_bytes, to make this explicit.", tok.n_vocab,
                     cfg.vocab_size, cfg.min_frequency, tok.n_vocab - 256 - len(set(cfg.special_tokens)), tok.n_vocab)
     return tok
-
-
-def load_tokenizer(cfg: TokenizerConfig, data: DataConfig) -> AnyTokenizer:
-    """The tokenizer a run uses: GPT-2 (tiktoken), our BPE trained on data's corpus, or a tokenizer.json."""
-    if cfg.name == "gpt2":
-        return get_tokenizer(cfg.path or data.tokenizer_path, cache_dir=data.cache_dir)
-    if cfg.name == "file":
-        return HFTokenizer.from_file(str(cfg.path))
-    return trained_bpe(cfg, data)
-
-
-def planned_vocab(cfg: TokenizerConfig) -> int | None:
-    """The vocabulary size known without training or loading anything (dry run); None for tokenizer=file."""
-    from gpt2.tokenizers.gpt2 import N_VOCAB
-
-    return {"gpt2": N_VOCAB, "bpe": cfg.vocab_size}.get(cfg.name)
-
-
-def from_checkpoint(ckpt: Path, meta: dict[str, Any], ranks_path: str | None = None,
-                    cache_dir: str | None = None) -> AnyTokenizer:
-    """The tokenizer a checkpoint was trained with (checkpoints from before tokenizers were recorded: GPT-2)."""
-    info = meta.get("tokenizer") or {"kind": "gpt2"}
-    if info.get("kind") == "hf":
-        tok = HFTokenizer.from_file(Path(ckpt) / str(info.get("file", TOKENIZER_FILE)))
-        if tok.id != info.get("id"):
-            raise UserError(f"{ckpt}/{info.get('file')} has id {tok.id}, but meta.json records {info.get('id')}; "
-                            f"the checkpoint's tokenizer file was changed. Restore it or use another checkpoint.")
-        return tok
-    return get_tokenizer(ranks_path, cache_dir=cache_dir)
-
-
-def for_inference(checkpoint: str | None, pretrained: str | None, ranks_path: str | None,
-                  fix: str, cache_dir: str | None = None) -> AnyTokenizer:
-    """The tokenizer to generate or evaluate with: a checkpoint's own, a Hugging Face directory's
-    tokenizer.json (our export of a BPE model), else GPT-2's (`ranks_path`: its ranks file)."""
-    if checkpoint is not None:
-        from gpt2.checkpoint.format import read_meta, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(checkpoint, fix)
-        meta = read_meta(ckpt)
-        if ranks_path and (meta.get("tokenizer") or {}).get("kind") == "hf":
-            raise UserError(f"tokenizer_path={ranks_path!r} is a GPT-2 ranks file, but checkpoint {ckpt} was trained "
-                            f"with its own tokenizer ({ckpt / TOKENIZER_FILE}); drop tokenizer_path.")
-        return from_checkpoint(ckpt, meta, ranks_path, cache_dir)
-    if pretrained is not None and (Path(pretrained) / TOKENIZER_FILE).is_file() \
-            and not (Path(pretrained) / "vocab.json").is_file():
-        return HFTokenizer.from_file(Path(pretrained) / TOKENIZER_FILE)
-    return get_tokenizer(ranks_path, cache_dir=cache_dir)
-
-
-def check_same(tok: AnyTokenizer, meta: dict[str, Any], ckpt: Path) -> None:
-    """UserError when `tok` is not the tokenizer checkpoint `ckpt` was trained with."""
-    saved = (meta.get("tokenizer") or {}).get("id")
-    if saved is None:  # an older checkpoint: trained with GPT-2
-        if isinstance(tok, Tokenizer):
-            return
-        raise UserError(f"checkpoint {ckpt} was trained with the GPT-2 tokenizer but this run uses {tok.id} "
-                        f"(n_vocab={tok.n_vocab}); use tokenizer=gpt2 or start a new run without resume.")
-    if saved != tok.id:
-        info = meta["tokenizer"]
-        raise UserError(f"checkpoint {ckpt} was trained with tokenizer {saved} (n_vocab={info.get('n_vocab')}) but "
-                        f"this run uses {tok.id} (n_vocab={tok.n_vocab}); use the checkpoint's tokenizer "
-                        f"(tokenizer=file tokenizer.path={Path(ckpt) / TOKENIZER_FILE} for our BPE) or start a "
-                        f"new run without resume.")
-

@@ -18,18 +18,17 @@ import base64
 import hashlib
 import logging
 import os
-import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import tiktoken
 
-from gpt2.config import UserError
+from gpt2.errors import UserError
+from gpt2.utils.download import pip_download_sdist, sha256_file
+from gpt2.utils.fs import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +76,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(gpt2, n_vocab={self.n_vocab}, source={self.source!r})"
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_ranks(ranks_file: str) -> dict[bytes, int]:
@@ -164,26 +154,6 @@ def _from_tiktoken_cache() -> Tokenizer | None:
     return None
 
 
-def pip_download_sdist(requirement: str, dest_dir: str | os.PathLike[str]) -> Path:
-    """``pip download`` the source archive of ``requirement`` into dest_dir (a subprocess, so the
-    user's pip configuration -- index URL, proxy, certificates -- applies). UserError on failure."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement]
-    cmd += ["-d", str(dest_dir)]
-    log.info("Downloading %s: %s", requirement, " ".join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise UserError(f"`pip download {requirement}` failed: {e}") from e
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr).strip()[-1500:]
-        raise UserError(f"`pip download {requirement}` failed (is PyPI reachable?):\n{tail}")
-    sdists = sorted(Path(dest_dir).glob("*.tar.gz"))
-    if len(sdists) != 1:
-        names = [p.name for p in sdists]
-        raise UserError(f"`pip download {requirement}` left {names} in {dest_dir}, expected one .tar.gz")
-    return sdists[0]
-
-
 def whisper_ranks_path(cache_dir: str | None = None) -> Path:
     """Where the ranks file extracted from openai-whisper is kept."""
     return Path(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR)) / "tokenizer" / "gpt2.tiktoken"
@@ -206,9 +176,7 @@ def fetch_ranks_file(cache_dir: str | None = None) -> Path:
         digest = hashlib.sha256(data).hexdigest()
         if digest != RANKS_SHA256:
             raise UserError(f"{WHISPER_MEMBER} from {sdist.name} has sha256 {digest}, expected {RANKS_SHA256}")
-        part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex}.tmp")
-        part.write_bytes(data)
-        os.replace(part, dest)  # atomic: concurrent fetchers all end with the same complete file
+        atomic_write(dest, data)  # concurrent fetchers all end with the same complete file
     return dest
 
 

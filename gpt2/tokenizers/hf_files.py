@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gpt2.tokenizers.bpe import TOKENIZER_FILE, AnyTokenizer, HFTokenizer
+from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer
+from gpt2.tokenizers.factory import AnyTokenizer
 from gpt2.tokenizers.gpt2 import EOT
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")

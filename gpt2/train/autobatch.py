@@ -15,7 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gpt2.config import TrainConfig, UserError
+from gpt2.config import TrainConfig
+from gpt2.errors import UserError
 from gpt2.runtime.device import autocast, resolve_precision
 
 log = logging.getLogger("gpt2")

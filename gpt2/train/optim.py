@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2.config import ConfigError, OptimizerConfig, SchedulerConfig
+from gpt2.config import OptimizerConfig, SchedulerConfig
+from gpt2.errors import ConfigError
 
 
 def lr_multiplier(step: int, cfg: SchedulerConfig, max_steps: int) -> float:

@@ -1,32 +1,26 @@
-"""The run plan: what a training run actually does, resolved once at start-up from the validated
-config, which is never written to afterwards (device, precision, world size, accumulation, the model
-config actually used). It is logged, saved in every checkpoint's meta.json, and printed by
-`python run_train.py dry_run=true`.
-
-Resuming is resolved here too: the checkpoint's architecture is kept, every other setting of the new
-config wins (a log line lists what changed), and changes that cannot carry over are refused.
+"""The run plan: what a training run actually does, resolved once at start-up from the validated config,
+which is never written to afterwards (device, precision, world size, micro-batch and accumulation, the
+model config actually trained). `resolve_plan` is the one function that derives it, for training and for
+`python run_train.py dry_run=true` alike; the plan is logged, saved in every checkpoint's meta.json and
+printed by the dry run.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from gpt2.config import ModelConfig, TrainConfig, UserError, from_dict, grad_accum_steps, to_dict
+from gpt2.checkpoint.handle import Checkpoint
+from gpt2.config import ModelConfig, TrainConfig, check_batch
+from gpt2.errors import UserError
+from gpt2.model.presets import HUB_MODELS, model_preset
+from gpt2.runtime.device import resolve_precision
+from gpt2.runtime.distributed import DistInfo
+from gpt2.train.resume import resume_model
 
-log = logging.getLogger("gpt2")
-
-# Model fields that define the weights' shapes: a resumed run cannot change them.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad_vocab_multiple", "bias")
-# Settings whose change on resume cannot carry over (beyond the model shape).
-FIXED_ON_RESUME = {
-    "optimizer.name": "the optimizer state is per optimizer type",
-    "data.tokenizer_path": "the model's token ids belong to its tokenizer",
-    "tokenizer": "the model's token ids belong to its tokenizer",
-}
+AUTO_BATCH = "auto (chosen on the GPU at start)"
+"""How a plan made without the GPU (the dry run) shows micro_batch_size=auto."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +33,10 @@ class RunPlan:
     """The concrete precision (auto resolved): fp32, bf16 or fp16."""
     world_size: int
     """Ranks in the job."""
-    grad_accum: int
-    """Micro-batches per optimizer step on each rank."""
+    micro_batch_size: int | None
+    """Sequences per forward on one rank (micro_batch_size=auto resolved); None only in a dry run of auto."""
+    grad_accum: int | None
+    """Micro-batches per optimizer step on each rank; None when the micro-batch is not chosen yet."""
     tokens_per_step: int
     """Tokens per optimizer step over all ranks."""
     max_steps: int
@@ -54,17 +50,11 @@ class RunPlan:
 
     def describe(self, n_params: int | None = None) -> str:
         params = f"{n_params / 1e6:.2f}M parameters; " if n_params is not None else ""
+        micro = self.micro_batch_size if self.micro_batch_size is not None else AUTO_BATCH
+        accum = self.grad_accum if self.grad_accum is not None else "follows micro_batch_size"
         return (f"model {self.model.name}: {params}{self.world_size} rank(s) on {self.device}; {self.precision}; "
-                f"grad accumulation {self.grad_accum}; {self.tokens_per_step:,} tokens/step x {self.max_steps:,} "
-                f"steps = {self.tokens_per_step * self.max_steps:,} tokens")
-
-
-def make_plan(cfg: TrainConfig, device: str, precision: str, world_size: int, model: ModelConfig,
-              resume_from: Path | None) -> RunPlan:
-    return RunPlan(device=device, precision=precision, world_size=world_size,
-                   grad_accum=grad_accum_steps(cfg, world_size), tokens_per_step=cfg.total_batch_tokens,
-                   max_steps=cfg.max_steps, warmup_steps=cfg.scheduler.warmup_for(cfg.max_steps), model=model,
-                   resume_from=str(resume_from) if resume_from else None)
+                f"micro_batch_size {micro}, grad accumulation {accum}; {self.tokens_per_step:,} tokens/step x "
+                f"{self.max_steps:,} steps = {self.tokens_per_step * self.max_steps:,} tokens")
 
 
 def with_vocab(model: ModelConfig, n_vocab: int, tokenizer_id: str) -> ModelConfig:
@@ -78,99 +68,55 @@ def with_vocab(model: ModelConfig, n_vocab: int, tokenizer_id: str) -> ModelConf
     return model
 
 
-# ------------------------------------------------------------------ resume
+def pretrained_architecture(name_or_dir: str) -> ModelConfig:
+    """The architecture of init.pretrained without loading weights or a network: a local HF directory's
+    config.json, or the preset of a hub name (gpt2, gpt2-medium, ... are our presets)."""
+    import json
+
+    from gpt2.model.hf import model_config_from_hf
+
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        try:
+            return model_config_from_hf(json.loads((path / "config.json").read_text()))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"init.pretrained={name_or_dir}: cannot read its config.json ({err}); pass a directory "
+                            f"written by save_pretrained.") from None
+    if name_or_dir in HUB_MODELS:
+        return model_preset(name_or_dir)
+    raise UserError(f"init.pretrained={name_or_dir!r} is neither a directory nor a known model; choose one of "
+                    f"{', '.join(HUB_MODELS)} or pass a directory holding config.json and model.safetensors.")
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
-
-
-def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (saved value, new value)} for every setting that differs (`resume` itself aside)."""
-    old, new = _flatten(saved), _flatten(to_dict(cfg))
-    keys = sorted(set(old) | set(new))
-    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and k != "resume"}
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    if a is None or b is None:
-        return a == b
-    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
-
-
-def resume_model(cfg: TrainConfig, meta: dict[str, Any], ckpt: Path) -> ModelConfig:
-    """The model config a run resumed from `ckpt` uses: the checkpoint's architecture with the new
-    config's dropout. Logs the settings that changed since the checkpoint (the new values win) and
-    raises UserError for a change that cannot carry over (model shape, tokenizer, optimizer type)."""
-    saved_cfg = meta.get("config") or {}
-    saved_model = from_dict(ModelConfig, (meta.get("plan") or {}).get("model") or saved_cfg.get("model") or {})
-    changes = config_changes(saved_cfg, cfg)
-    refused = []
-    for key, (old, new) in changes.items():
-        group, _, name = key.partition(".")
-        if key == "model.vocab_size" and new is None:  # null follows the tokenizer, checked against it later
-            continue
-        if group == "model" and name in SHAPE_FIELDS and "plan" in meta:
-            refused.append(f"{key}={new} (checkpoint: {old}): it changes the weights' shapes")
-        for fixed, why in FIXED_ON_RESUME.items():
-            if (key == fixed or key.startswith(fixed + ".")) and not (key.endswith("path") and _same_path(old, new)):
-                refused.append(f"{key}={new} (checkpoint: {old}): {why}")
-    if refused:
-        raise UserError(f"cannot resume {ckpt} with {refused[0]}; keep the checkpoint's value or start a new run "
-                        f"without resume.")
-    shown = {k: v for k, v in changes.items() if not (k.endswith("path") and _same_path(*v))
-             and not (k == "model.vocab_size" and v[1] is None)}
-    if shown:
-        log.info("resuming %s with changed settings (the new values win): %s", ckpt,
-                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in shown.items()))
-    if "plan" not in meta and saved_model != cfg.model:  # checkpoints from before run plans: theirs wins
-        log.warning("resuming %s: using its model config (%s) instead of model=%s", ckpt, saved_model.name,
-                    cfg.model.name)
-    return replace(saved_model, dropout=cfg.model.dropout)
-
-
-# ------------------------------------------------------------------ dry run
-
-
-def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
-    """What `train(cfg, output_dir)` would do, without preparing data or training: the composed config,
-    the run plan (derived values), parameter count, tokens per step, steps, and the checks that ran."""
-    import torch
-    import yaml
-
-    from gpt2.checkpoint.format import read_meta
-    from gpt2.checkpoint.io import CheckpointManager
-    from gpt2.model.gpt import GPT
-    from gpt2.runtime.device import resolve_device, resolve_precision
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    precision = resolve_precision(cfg.precision.name, device)
-    resume_from = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
-    from gpt2.tokenizers.bpe import load_tokenizer, planned_vocab
-
-    model = resume_model(cfg, read_meta(resume_from), resume_from) if resume_from else cfg.model
-    n_vocab = planned_vocab(cfg.tokenizer)
-    if n_vocab is None:  # tokenizer=file: read it (cheap)
-        n_vocab = load_tokenizer(cfg.tokenizer, cfg.data).n_vocab
-    model = with_vocab(model, n_vocab, f"tokenizer={cfg.tokenizer.name}")
-    model = model.for_device(device.type)
-    with torch.device("meta"):
-        n_params = GPT(model).num_params()
-    plan = make_plan(cfg, str(device), precision, world, model, resume_from)
-    lines = ["# composed config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
-             "# run plan (derived)", yaml.safe_dump(to_dict(plan), sort_keys=False).rstrip(),
-             f"# {plan.describe(n_params)}"]
-    if cfg.init.pretrained and not resume_from:
-        lines.append(f"# note: init.pretrained={cfg.init.pretrained} defines the architecture when training "
-                     f"starts; the counts above are for model={cfg.model.name}")
-    lines.append("# checks passed: every group's settings; block_size <= model.n_positions; total_batch_tokens "
-                 "divisible by micro_batch_size * block_size * world_size; warmup_steps <= max_steps; device and "
-                 "precision available" + ("; resume compatible" if resume_from else ""))
-    lines.append("# dry run: nothing was prepared or trained")
-    return "\n".join(lines)
+def resolve_plan(cfg: TrainConfig, ranks: DistInfo, vocab: Callable[[], tuple[int, str]], resume: Checkpoint | None,
+                 choose_micro_batch: Callable[[ModelConfig], int] | None) -> RunPlan:
+    """Derive the run plan from the validated config, where this process runs (`ranks`), the checkpoint being
+    resumed and the tokenizer: `vocab()` gives its (n_vocab, id) and is asked only after the resume checks,
+    since it may have to prepare the corpus first (training) or read a tokenizer file (the dry run).
+    `choose_micro_batch(model)` picks micro_batch_size=auto (on the GPU); without it (the dry run) an auto
+    micro-batch stays unresolved in the plan. The batch rules run on the micro-batch actually used."""
+    precision = resolve_precision(cfg.precision.name, ranks.device)  # refuses bf16 on a GPU without it
+    if resume is not None:
+        model = resume_model(cfg, resume)  # refuses changes that cannot carry over
+    elif cfg.init.pretrained:
+        arch = pretrained_architecture(cfg.init.pretrained)
+        model = replace(arch, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    else:
+        model = cfg.model
+    n_vocab, tokenizer_id = vocab()
+    if cfg.init.pretrained and resume is None and model.vocab_size != n_vocab:
+        raise UserError(f"init.pretrained={cfg.init.pretrained} has vocab_size={model.vocab_size} but the tokenizer "
+                        f"has n_vocab={n_vocab}; use tokenizer=gpt2 with GPT-2 weights, or drop init.pretrained.")
+    model = with_vocab(model, n_vocab, tokenizer_id).for_device(ranks.device.type)  # pad: 64 on CUDA, else 1
+    micro: int | None
+    if cfg.micro_batch_size != "auto":
+        micro = int(cfg.micro_batch_size)
+    elif choose_micro_batch is not None:
+        micro = choose_micro_batch(model)
+    else:
+        micro = None
+    accum = check_batch(cfg, ranks.world_size, micro) if micro is not None else None
+    return RunPlan(device=str(ranks.device), precision=precision, world_size=ranks.world_size, micro_batch_size=micro,
+                   grad_accum=accum, tokens_per_step=cfg.total_batch_tokens, max_steps=cfg.max_steps,
+                   warmup_steps=cfg.scheduler.warmup_for(cfg.max_steps), model=model,
+                   resume_from=str(resume.path) if resume else None)

@@ -1,5 +1,6 @@
 """Random number generators: seeding, and capturing/restoring every stream a checkpoint carries
-(Python `random`, NumPy's legacy global generator, torch CPU and CUDA)."""
+(Python `random`, NumPy's legacy global generator, torch CPU and CUDA): `RNGState` is each rank's part of a
+checkpoint."""
 
 from __future__ import annotations
 
@@ -43,3 +44,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if torch.cuda.is_available():
         for i, s in enumerate(state.get("cuda", [])[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
+
+
+class RNGState:
+    """This process's RNG streams as a checkpoint state (`state_dict` captures, `load_state_dict` restores)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": capture_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state["rng"])

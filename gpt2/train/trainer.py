@@ -1,6 +1,7 @@
 """The training loop: a Trainer made of named steps (train_step, forward_backward_step, evaluate,
-state_dict/load_state_dict, fit). Model, data, optimizer and logger come in ready-made; gpt2.train.train
-builds them from a validated `TrainConfig`."""
+state_dict/load_state_dict, fit). Model, data, optimizer and the run plan come in ready-made; gpt2.train.train
+builds them from a validated `TrainConfig`. Its `CheckpointManager` saves and restores the trainer's state
+(global: step, data position, scaler, ...) and each rank's RNG streams."""
 
 from __future__ import annotations
 
@@ -14,30 +15,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpt2.checkpoint.io import CheckpointManager
-from gpt2.config import TrainConfig, UserError, to_dict
+from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.manager import CheckpointManager
+from gpt2.config import TrainConfig
 from gpt2.data.loader import TokenLoader
+from gpt2.errors import Interrupted, UserError
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import select_windows, val_loss
 from gpt2.generate.sampling import generate
-from gpt2.runtime.device import autocast, grad_scaler, resolve_precision
-from gpt2.runtime.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    any_rank,
-    unwrap_model,
-)
-from gpt2.tokenizers import bpe
-from gpt2.tokenizers.bpe import AnyTokenizer
-from gpt2.train.metrics import ProgressBar, RunLogger, Throughput, detect_peak_flops
+from gpt2.runtime.device import autocast, detect_peak_flops, grad_scaler
+from gpt2.runtime.distributed import DistInfo, all_reduce_mean, any_rank, unwrap_model
+from gpt2.tokenizers.factory import GPT2_RECORD, AnyTokenizer, describe, files
+from gpt2.train.metrics import RunLogger
 from gpt2.train.optim import lr_multiplier, set_lr
-from gpt2.train.plan import RunPlan, make_plan
+from gpt2.train.plan import RunPlan
 from gpt2.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from gpt2.train.rng import capture_rng_state, restore_rng_state
+from gpt2.train.progress import ProgressBar, Throughput
+from gpt2.train.rng import RNGState
+from gpt2.utils.serialize import to_dict
 
 log = logging.getLogger("gpt2")
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """Training stopped early on purpose (preemption signal); a checkpoint was written.
     The entry point exits with `exit_code` so that a scheduler can requeue the job."""
 
@@ -56,6 +55,7 @@ class Trainer:
     def __init__(
         self,
         cfg: TrainConfig,
+        plan: RunPlan,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         train_loader: TokenLoader,
@@ -65,9 +65,12 @@ class Trainer:
         tokenizer: AnyTokenizer | None = None,
         preemption: PreemptionHandler | None = None,
         hellaswag_items: list[hellaswag.Rendered] | None = None,
-        plan: RunPlan | None = None,
     ) -> None:
+        if plan.micro_batch_size is None or plan.grad_accum is None:
+            raise UserError("the Trainer needs a run plan with the micro-batch chosen (resolve_plan with "
+                            "choose_micro_batch); a dry-run plan cannot train.")
         self.cfg = cfg  # read only
+        self.plan = plan
         self.model = model  # possibly DDP/FSDP/compile-wrapped
         self.raw_model = unwrap_model(model)
         self.optimizer = optimizer
@@ -78,16 +81,19 @@ class Trainer:
         self.tokenizer = tokenizer
         self.preemption = preemption
         self.hellaswag_items = hellaswag_items  # needed when cfg.eval.hellaswag_interval > 0
+        self.micro_batch_size = plan.micro_batch_size
+        self.grad_accum = plan.grad_accum
         # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
         self.val_windows = select_windows(len(val_loader.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
-                                          max_windows=cfg.eval_iters * cfg.micro_batch_size)
+                                          max_windows=cfg.eval_iters * self.micro_batch_size)
         self.device = ranks.device
-        self.plan = plan or make_plan(cfg, str(ranks.device), resolve_precision(cfg.precision.name, ranks.device),
-                                      ranks.world_size, self.raw_model.cfg, resume_from=None)
-        self.grad_accum = self.plan.grad_accum
-        self.scaler = grad_scaler(self.device, self.plan.precision)
-        self.checkpoints = CheckpointManager(self.output_dir, cfg.checkpoint, is_main=ranks.is_main,
-                                             sharded=cfg.distributed.name == "fsdp" and ranks.enabled)
+        self.scaler = grad_scaler(self.device, plan.precision)
+        record = {"config": to_dict(cfg), "plan": to_dict(plan),
+                  "tokenizer": describe(tokenizer) if tokenizer is not None else dict(GPT2_RECORD)}
+        self.checkpoints = CheckpointManager(
+            self.output_dir, cfg.checkpoint, max_steps=cfg.max_steps, model=model, optimizer=optimizer, trainer=self,
+            rank=RNGState(), record=record, files=files(tokenizer) if tokenizer is not None else {},
+            val_loss=lambda: self.last_val_loss, sharded=cfg.distributed.name == "fsdp" and ranks.enabled)
         # State that checkpoints carry.
         self.step = 0
         self.tokens_seen = 0
@@ -179,11 +185,11 @@ class Trainer:
         """Val loss over the fixed windows (gpt2.evals.val_loss, split across ranks), and HellaSwag
         accuracy when asked. Stops early (incomplete numbers) when a preemption signal arrives."""
         stop = lambda: any_rank(self._preempted(), self.device)  # noqa: E731  all ranks leave together
-        val = val_loss(self.model, self.val_loader.tokens, self.val_windows, batch_size=self.cfg.micro_batch_size,
+        val = val_loss(self.model, self.val_loader.tokens, self.val_windows, batch_size=self.micro_batch_size,
                        device=self.device, autocast=self.autocast, should_stop=stop)
         metrics = {"val/loss": val.loss, "val/perplexity": val.perplexity, "val/tokens": float(val.n_tokens)}
         if with_hellaswag and self.hellaswag_items and not stop():
-            hs = hellaswag.score(self.raw_model, self.hellaswag_items, batch_size=self.cfg.micro_batch_size,
+            hs = hellaswag.score(self.raw_model, self.hellaswag_items, batch_size=self.micro_batch_size,
                                  device=self.device, autocast=self.autocast)
             metrics.update({"hellaswag/acc": hs.acc, "hellaswag/acc_norm": hs.acc_norm,
                             "hellaswag/items": float(hs.n_items)})
@@ -209,7 +215,7 @@ class Trainer:
     # ----------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Global trainer state (the same on every rank)."""
+        """The global training state (the same on every rank), the data position included."""
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
@@ -219,48 +225,24 @@ class Trainer:
             "last_val_loss": self.last_val_loss,
             "wandb_run_id": self.wandb_run_id,
             "scaler": self.scaler.state_dict(),
+            "train_loader": self.train_loader.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.consecutive_skipped = int(state.get("consecutive_skipped", 0))
-        self.best_val_loss = float(state.get("best_val_loss", math.inf))
-        self.last_val_loss = state.get("last_val_loss")
-        self.wandb_run_id = state.get("wandb_run_id")
-        if state.get("scaler"):
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skipped = int(state["consecutive_skipped"])
+        self.best_val_loss = float(state["best_val_loss"])
+        self.last_val_loss = state["last_val_loss"]
+        self.wandb_run_id = state["wandb_run_id"]
+        if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-
-    def rank_state_dict(self) -> dict[str, Any]:
-        """This rank's own state: its data position and RNG streams."""
-        return {"train_loader": self.train_loader.state_dict(), "rng": capture_rng_state()}
-
-    def load_rank_state_dict(self, state: dict[str, Any] | None, source: Path) -> None:
-        if state is None:
-            log.warning("checkpoint %s has no state for rank %d (world size changed): data order and RNG "
-                        "streams restart from the seed", source, self.ranks.rank)
-            return
         self.train_loader.load_state_dict(state["train_loader"])
-        restore_rng_state(state["rng"])
 
-    def save_checkpoint(self) -> Path:
-        return self.checkpoints.save(self.step, model=self.model, optimizer=self.optimizer,
-                                     trainer_state=self.state_dict(), rank_state=self.rank_state_dict(),
-                                     config=to_dict(self.cfg), plan=to_dict(self.plan), val_loss=self.last_val_loss,
-                                     **self._tokenizer_record())
-
-    def _tokenizer_record(self) -> dict:
-        """The tokenizer's meta.json record and files (tokenizer.json) for checkpoints; none without a tokenizer."""
-        if self.tokenizer is None:
-            return {}
-        return {"tokenizer": bpe.describe(self.tokenizer), "files": bpe.files(self.tokenizer)}
-
-    def load_checkpoint(self, path: Path) -> None:
-        loaded = self.checkpoints.load(path, model=self.model, optimizer=self.optimizer)
-        self.load_state_dict(loaded.trainer_state)
-        self.load_rank_state_dict(loaded.rank_state, path)
-        log.info("resumed from %s at step %d", path, self.step)
+    def load_checkpoint(self, ckpt: Checkpoint) -> None:
+        self.checkpoints.load(ckpt)
+        log.info("resumed from %s at step %d", ckpt.path, self.step)
 
     # ------------------------------------------------------------------- loop
 
@@ -313,16 +295,14 @@ class Trainer:
                                               eta_s=(cfg.max_steps - self.step) * seconds_per_step)
                 if self._eval_due():
                     self._run_eval()
-                if self.checkpoints.should_save(self.step, cfg.max_steps):
-                    self.save_checkpoint()
+                self.checkpoints.save(self.step)  # when checkpoint.interval says so
         final = self._run_eval()
-        if cfg.checkpoint.save_final:
-            self.save_checkpoint()
+        self.checkpoints.save(self.step, final=True)  # when checkpoint.save_final says so
         return final["val/loss"]
 
     def _stop_for_preemption(self) -> None:
         log.warning("preemption signal received: saving a checkpoint at step %d and exiting", self.step)
-        self.save_checkpoint()
+        self.checkpoints.save(self.step, preempted=True)
         message = f"preempted at step {self.step}; checkpoint saved, resume with resume=auto"
         log.warning("%s (exit code %d)", message, PREEMPTED_EXIT_CODE)  # the entry point exits silently
         raise TrainingInterrupted(message)

@@ -18,10 +18,11 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint.format import find_latest, read_meta  # noqa: E402
-from gpt2.checkpoint.io import load_checkpoint, save_checkpoint  # noqa: E402
+from gpt2.checkpoint.format import read_meta  # noqa: E402
+from gpt2.checkpoint.store import find_latest  # noqa: E402
 from gpt2.runtime.distributed import any_rank  # noqa: E402
 from gpt2.train.preemption import PreemptionHandler  # noqa: E402
+from tests.helpers import load_toy_checkpoint, save_toy_checkpoint  # noqa: E402
 from tests.workers.tiny_lm import TinyLM, make, train_step  # noqa: E402
 
 
@@ -37,9 +38,8 @@ def _main_save_loop(root: str) -> None:
             for p in model.parameters():
                 p.fill_(float(step))
                 opt.state[p]["exp_avg"].fill_(float(step))
-        save_checkpoint(Path(root), step, model=model, optimizer=opt, trainer_state={"step": step},
-                        rank_state={"step": step}, config={}, val_loss=None, keep_last=2, keep_best=False,
-                        sharded=False)
+        save_toy_checkpoint(Path(root), step, model, opt, trainer_state={"step": step}, rank_state={"step": step},
+                            keep_last=2, keep_best=False)
         print(f"saved {step}", flush=True)
         step += 1
 
@@ -65,12 +65,12 @@ def _fsdp_worker(rank: int, world: int, out: str) -> None:
     model, opt = build(0)
     train_step(model, opt, 1)
     ref1 = full(model)
-    save_checkpoint(run, 1, model=model, optimizer=opt, trainer_state={"step": 1}, rank_state={"rank": rank},
-                    config={}, val_loss=1.0, keep_last=2, keep_best=True, sharded=True)
+    save_toy_checkpoint(run, 1, model, opt, trainer_state={"step": 1}, rank_state={"rank": rank}, val_loss=1.0,
+                        keep_last=2, sharded=True)
     train_step(model, opt, 2)
     ref2 = full(model)
     model2, opt2 = build(123)
-    loaded = load_checkpoint(run, model=model2, optimizer=opt2, sharded=True)
+    loaded = load_toy_checkpoint(run, model2, opt2, sharded=True)
     loaded1 = full(model2)
     train_step(model2, opt2, 2)
     got2 = full(model2)

@@ -15,15 +15,14 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint.io import save_checkpoint  # noqa: E402
+from tests.helpers import save_toy_checkpoint  # noqa: E402
 
 
 def main(root: Path, step: int, n_pad: int) -> None:
     model = torch.nn.Linear(8, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     while True:
-        path = save_checkpoint(root, step, model=model, optimizer=opt, trainer_state={"step": step}, rank_state={},
-                               config={}, val_loss=None, keep_last=1, keep_best=False, sharded=False)
+        path = save_toy_checkpoint(root, step, model, opt, keep_last=1, keep_best=False)
         for i in range(n_pad):
             (path / f"pad_{i:05d}").write_bytes(b"x")
         print(f"saved {step}", flush=True)

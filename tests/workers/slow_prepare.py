@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt2.data.shards import ShardWriter
+from gpt2.data.shard_writer import ShardWriter
 
 if os.environ.get("RANK", "0") == "0":
     _add = ShardWriter.add

@@ -1,0 +1,108 @@
+"""`CheckpointManager`: one run's checkpoints (after torchtitan's components/checkpoint.py). Given the states
+once (model, optimizer, the trainer's global state, this rank's state, what meta.json records), it decides
+when a save is due (periodic, final, preemption), writes it, keeps the newest and the best, finds where a
+run resumes, and loads a checkpoint back into the same states.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gpt2.checkpoint.format import RESUME_FIX, checkpoints_dir
+from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.io import CheckpointContent, load_checkpoint, write_checkpoint
+from gpt2.checkpoint.store import apply_retention, find_latest_with_meta, remove_leftovers, step_dirs
+from gpt2.config import CheckpointConfig
+from gpt2.runtime.ranks import rank_and_world
+
+log = logging.getLogger("gpt2")
+
+
+class Stateful(Protocol):
+    """What a checkpoint saves and restores (torch.distributed.checkpoint.stateful.Stateful's shape)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """Owns the cadence, retention, start-up clean-up and resume resolution of one run dir's checkpoints."""
+
+    def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, max_steps: int, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, trainer: Stateful, rank: Stateful, record: dict[str, Any],
+                 files: dict[str, bytes] | None = None, val_loss: Callable[[], float | None] = lambda: None,
+                 sharded: bool = False) -> None:
+        self.dir = checkpoints_dir(run_dir)
+        self.cfg = cfg
+        self.max_steps = max_steps
+        self.model, self.optimizer, self.trainer, self.rank = model, optimizer, trainer, rank
+        self.record, self.files, self.val_loss = record, files or {}, val_loss
+        self.sharded = sharded
+        self.is_main = rank_and_world()[0] == 0
+        if self.is_main:  # no save runs yet: half-deleted or interrupted dirs of an earlier process can go
+            live = frozenset(p for _, p in step_dirs(self.dir))
+            for p in remove_leftovers(self.dir, keep=live):
+                log.info("removed the leftover %s of an interrupted save or deletion", p)
+
+    def due(self, step: int, *, final: bool = False, preempted: bool = False) -> bool:
+        """Whether `save` writes at `step`: always on preemption; at the end when checkpoint.save_final; else
+        every checkpoint.interval steps before the end."""
+        if preempted:
+            return True
+        if final:
+            return self.cfg.save_final
+        return self.cfg.interval > 0 and step % self.cfg.interval == 0 and step < self.max_steps
+
+    def save(self, step: int, *, final: bool = False, preempted: bool = False) -> Path | None:
+        """Collective: write checkpoint `step` from the states when one is `due`, then delete the ones retention
+        does not keep. Returns its directory, or None when no save was due."""
+        if not self.due(step, final=final, preempted=preempted):
+            return None
+        started = time.time()
+        content = CheckpointContent(model=self.model, optimizer=self.optimizer,
+                                    trainer_state=self.trainer.state_dict(), rank_state=self.rank.state_dict(),
+                                    record=self.record, files=self.files, val_loss=self.val_loss())
+        path = write_checkpoint(self.dir, step, content, sharded=self.sharded)
+        if self.is_main:
+            apply_retention(self.dir, keep_last=self.cfg.keep_last, keep_best=self.cfg.keep_best, newest=path,
+                            older_than=started)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def load(self, ckpt: Checkpoint) -> None:
+        """Load checkpoint `ckpt` into the states. The optimizer keeps the hyperparameters it was built with
+        (this run's config wins), not the checkpoint's. The trainer's state is global, so it carries over at
+        any world size; each rank's own state (RNG) only at the world size it was saved at."""
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        loaded = load_checkpoint(ckpt.path, ckpt.meta, model=self.model, optimizer=self.optimizer,
+                                 sharded=self.sharded)
+        for group, values in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(values)
+        self.trainer.load_state_dict(loaded.trainer_state)
+        if loaded.rank_state is not None:
+            self.rank.load_state_dict(loaded.rank_state)
+        elif rank_and_world()[0] == 0:
+            log.warning("checkpoint %s was saved at world size %s and this run has %d rank(s): the data position "
+                        "carries over exactly; each rank's RNG streams (dropout) restart from the seed", ckpt.path,
+                        ckpt.meta.get("world_size"), rank_and_world()[1])
+
+    @staticmethod
+    def find_resume(resume: str | None, run_dir: Path) -> Checkpoint | None:
+        """The checkpoint to resume from: `resume=auto` looks in this run dir (fresh start when there is none),
+        a path must hold one."""
+        if not resume:
+            return None
+        if resume == "auto":
+            found = find_latest_with_meta(run_dir)
+            log.info("resume=auto: %s", f"resuming from {found[0]}" if found else
+                     f"no checkpoint in {run_dir}, starting fresh")
+            return Checkpoint(*found) if found else None
+        return Checkpoint.open(resume, RESUME_FIX)

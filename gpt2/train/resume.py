@@ -1,0 +1,64 @@
+"""What a resumed run keeps from its checkpoint: the architecture, with every other setting of the new
+config winning (a log line lists what changed), and a refusal for changes that cannot carry over."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from gpt2.checkpoint.handle import Checkpoint
+from gpt2.config import ModelConfig, TrainConfig
+from gpt2.errors import UserError
+from gpt2.utils.serialize import flatten, to_dict
+
+log = logging.getLogger("gpt2")
+
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad_vocab_multiple", "bias")
+"""Model fields that define the weights' shapes: a resumed run cannot change them."""
+FIXED_ON_RESUME = {
+    "optimizer.name": "the optimizer state is per optimizer type",
+    "data.tokenizer_path": "the model's token ids belong to its tokenizer",
+    "tokenizer": "the model's token ids belong to its tokenizer",
+}
+"""Settings whose change on resume cannot carry over (beyond the model shape), and why."""
+
+
+def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every setting that differs (`resume` itself aside)."""
+    old, new = flatten(saved), flatten(to_dict(cfg))
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k) and k != "resume"}
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a == b
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def resume_model(cfg: TrainConfig, ckpt: Checkpoint) -> ModelConfig:
+    """The model config a run resumed from `ckpt` uses: the checkpoint's architecture with the new config's
+    dropout. Logs the settings that changed since the checkpoint (the new values win) and raises UserError
+    for a change that cannot carry over (model shape, tokenizer, optimizer type)."""
+    changes = config_changes(ckpt.meta.get("config") or {}, cfg)
+    refused = []
+    for key, (old, new) in changes.items():
+        group, _, name = key.partition(".")
+        if key == "model.vocab_size" and new is None:  # null follows the tokenizer, checked against it later
+            continue
+        if group == "model" and name in SHAPE_FIELDS:
+            refused.append(f"{key}={new} (checkpoint: {old}): it changes the weights' shapes")
+        for fixed, why in FIXED_ON_RESUME.items():
+            if (key == fixed or key.startswith(fixed + ".")) and not (key.endswith("path") and _same_path(old, new)):
+                refused.append(f"{key}={new} (checkpoint: {old}): {why}")
+    if refused:
+        raise UserError(f"cannot resume {ckpt.path} with {refused[0]}; keep the checkpoint's value or start a new "
+                        f"run without resume.")
+    shown = {k: v for k, v in changes.items() if not (k.endswith("path") and _same_path(*v))
+             and not (k == "model.vocab_size" and v[1] is None)}
+    if shown:
+        log.info("resuming %s with changed settings (the new values win): %s", ckpt.path,
+                 ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in shown.items()))
+    return replace(ckpt.model_config, dropout=cfg.model.dropout)

@@ -1,0 +1,32 @@
+"""Export a training checkpoint for Hugging Face transformers: `python run_export.py CHECKPOINT OUT_DIR`.
+
+CHECKPOINT is a run dir (its latest valid checkpoint), its checkpoints/ dir or a step_XXXXXXXX dir; OUT_DIR
+receives config.json, model.safetensors and the tokenizer files (see gpt2.checkpoint.export).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python run_export.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="run dir (latest valid checkpoint), checkpoints/ dir or step_* dir")
+    parser.add_argument("out_dir", help="directory to write config.json, model.safetensors and the tokenizer into")
+    args = parser.parse_args(argv)
+    from gpt2.checkpoint.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'config.json'}, {out / 'model.safetensors'} and the tokenizer files")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
