@@ -235,7 +235,7 @@ def decode_rows(args: argparse.Namespace, cfg: ModelConfig, device: torch.device
         idx = torch.randint(0, cfg.vocab_size, (batch, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
         idx = idx.to(device)
         runs: dict[str, Callable[[], torch.Tensor]] = {
-            f"ours {m}": (lambda m=m, idx=idx: generate(ours, idx, n, temperature=0.0, decode=m)) for m in modes}
+            f"ours {m}": (lambda m=m, idx=idx: generate(ours, idx, n, temperature=0.0, decode_mode=m)) for m in modes}
         runs["hf generate"] = lambda idx=idx: hf_run(hf, idx)
         outputs: dict[str, torch.Tensor] = {}
         for name, run in runs.items():
@@ -271,7 +271,7 @@ def decode_rows(args: argparse.Namespace, cfg: ModelConfig, device: torch.device
     with torch.inference_mode():
         want = hf32.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n)
-    got = generate(ours32, idx, n, temperature=0.0, decode=mode)
+    got = generate(ours32, idx, n, temperature=0.0, decode_mode=mode)
     rows.append({"kind": "decode_check", "impl": f"ours {mode}", "dtype": "fp32", "batch": 1, "new_tokens": n,
                  "tokens_equal_hf": got.tolist() == want.tolist()})
     release_graphs()

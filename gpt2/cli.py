@@ -218,10 +218,10 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
         return
     first_new = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
     try:
-        check_writable(key, path, is_dir=True)
+        check_writable(key, path, is_dir=True, fix=f"choose a writable folder, e.g. {key}=outputs/my-run")
         path.mkdir(parents=True, exist_ok=True)
-    except (UserError, OSError) as err:
-        print(f"error: {err}; choose a writable folder, e.g. {key}=outputs/my-run", file=sys.stderr, flush=True)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     for name in RUN_FILES:  # Hydra itself would follow a planted train.log or .hydra link
         if (path / name).is_symlink():

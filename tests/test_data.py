@@ -174,7 +174,7 @@ def test_hf_local_jsonl(tmp_path: Path, tiktoken_file: str) -> None:
 @pytest.mark.slow
 def test_hf_hub_name_offline_is_a_user_error(tmp_path: Path, tiktoken_file: str) -> None:
     code = (
-        "from gpt2.config import DataConfig, UserError\n"
+        "from gpt2.config import DataConfig\nfrom gpt2.errors import UserError\n"
         "from gpt2.data.prepare import prepare_data\n"
         "try:\n"
         f"    prepare_data(DataConfig(name='hf', path='someone/some-dataset', cache_dir={str(tmp_path)!r},"

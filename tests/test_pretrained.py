@@ -133,7 +133,7 @@ def test_unsupported_hf_config_and_bad_names(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_hub_name_offline_says_how_to_pass_a_directory(tmp_path: Path) -> None:
-    code = ("from gpt2.config import UserError\nfrom gpt2.model.hf import load_pretrained\n"
+    code = ("from gpt2.errors import UserError\nfrom gpt2.model.hf import load_pretrained\n"
             "try:\n    load_pretrained('gpt2-medium')\nexcept UserError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -152,7 +152,7 @@ def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
     save_model_checkpoint(run_dir, 7, model)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "run_export.py", str(run_dir), str(out)], env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, str(REPO / "run_export.py"), str(run_dir), str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"wrote {out / 'config.json'}" in proc.stdout
@@ -160,7 +160,7 @@ def test_export_cli_from_checkpoint(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(out, idx), model(idx).logits)
 
-    proc = subprocess.run([sys.executable, "run_export.py", str(tmp_path / "nope"), str(out)], env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "run_export.py"), str(tmp_path / "nope"), str(out)], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -125,7 +125,7 @@ def test_unusable_run_dir_is_one_error(where: str, tmp_path: Path, can_mount_ro:
         run_dir = ro / "run"
     before = snapshot(tmp_path)
     code, out = run([str(REPO / "run_train.py"), "model=tiny", f"hydra.run.dir={run_dir}"], tmp_path, ro=ro)
-    one_error(code, out, f"hydra.run.dir={run_dir} cannot be used as the run directory", "choose a writable folder")
+    one_error(code, out, f"hydra.run.dir={run_dir} cannot be written", "choose a writable folder")
     assert snapshot(tmp_path) == before
 
 
@@ -230,22 +230,22 @@ def test_export_to_read_only_dir(run_dir: Path, tmp_path: Path, can_mount_ro: bo
     ro = read_only(tmp_path / "ro", can_mount_ro)
     (ro / "old.txt").write_text("old\n")
     before = snapshot(tmp_path)
-    code, out = run(["run_export.py", str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
-    one_error(code, out, "cannot be written", "read-only")
+    code, out = run([str(REPO / "run_export.py"), str(run_dir), str(ro / "hf")], tmp_path, ro=ro)
+    one_error(code, out, "cannot be written", "Read-only file system")
     assert snapshot(tmp_path) == before
 
 
 @pytest.mark.slow
 def test_export_on_a_full_disk_leaves_nothing_half_written(run_dir: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "hf"
-    code, out = run(["run_export.py", str(run_dir), str(out_dir)], tmp_path)  # a good export first
+    code, out = run([str(REPO / "run_export.py"), str(run_dir), str(out_dir)], tmp_path)  # a good export first
     assert code == 0, out
     (out_dir / "README.md").write_text("mine\n")
     before = snapshot(tmp_path)
-    code, out = run(["run_export.py", str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
+    code, out = run([str(REPO / "run_export.py"), str(run_dir), str(out_dir)], tmp_path, preexec=fsize_limit(50_000))
     one_error(code, out, f"could not write the export to {out_dir}", "nothing was changed")
     assert snapshot(tmp_path) == before  # no temp folder left, the earlier export intact
-    code, out = run(["run_export.py", str(run_dir), str(tmp_path / "new")], tmp_path,
+    code, out = run([str(REPO / "run_export.py"), str(run_dir), str(tmp_path / "new")], tmp_path,
                     preexec=fsize_limit(50_000))
     one_error(code, out, "could not write the export")
     assert snapshot(tmp_path) == before  # no new folder at all
@@ -272,7 +272,7 @@ def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_moun
     before = snapshot(tmp_path)
     code, out = run([str(REPO / "run_generate.py"), f"checkpoint={missing}", f"output_file={ro / 'samples.txt'}"],
                     tmp_path, ro=ro)
-    one_error(code, out, f"output_file={ro / 'samples.txt'}", "is not writable")
+    one_error(code, out, f"output_file={ro / 'samples.txt'} cannot be written", "Read-only file system")
     assert snapshot(tmp_path) == before
 
 

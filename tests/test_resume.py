@@ -169,7 +169,7 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
     assert len(stream.paths) >= 10
     loader = TokenLoader(stream, cfg.micro_batch_size, cfg.block_size, seed=cfg.seed)
     per_step = cfg.micro_batch_size * 2  # accumulation 2
-    resumed_windows = loader._windows(0)[4 * per_step : 8 * per_step]
+    resumed_windows = [loader.window(g) for g in range(4 * per_step, 8 * per_step)]
     shard_of = [stream.locate(int(w) * cfg.block_size)[0] for w in resumed_windows]
     last_of = [stream.locate(int(w) * cfg.block_size + cfg.block_size)[0] for w in resumed_windows]
     assert shard_of != last_of  # at least one resumed window spans two shards

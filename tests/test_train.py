@@ -204,8 +204,8 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrid
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "# composed config" in out and "# run plan (derived)" in out and "grad_accum: 2" in out
-    assert "model tiny: 3.33M parameters; 1 rank(s) on cpu; fp32; grad accumulation 2; 512 tokens/step x 6 steps" \
-           in out, out
+    assert ("model tiny: 3.33M parameters; 1 rank(s) on cpu; fp32; micro_batch_size 8, grad accumulation 2; 512 "
+            "tokens/step x 6 steps") in out, out
     assert "# checks passed" in out
     assert not (tmp_path / "outputs").exists()  # a dry run leaves no run directory behind
     bad = run_train_cli([*base_overrides, *TORCHRUN_ARGS, "micro_batch_size=7", "dry_run=true"], cwd=tmp_path,

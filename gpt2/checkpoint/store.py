@@ -104,8 +104,9 @@ def resolve_checkpoint(path: str | Path, fix: str = RESUME_FIX) -> tuple[Path, d
 def delete_checkpoint(path: Path) -> None:
     """Delete a checkpoint dir. One that discovery would accept (``step_X``, ``step_X.old``) is first retired
     atomically (renamed to ``<name>.deleting``, which discovery ignores), so a kill mid-way never leaves a
-    ``step_*`` dir with COMPLETE but missing files; `remove_leftovers` finishes the job later."""
-    if not path.exists():
+    ``step_*`` dir with COMPLETE but missing files; `remove_leftovers` finishes the job later. Only folders
+    are deleted: a file under a checkpoint's name is not ours and stays."""
+    if not path.is_dir() or path.is_symlink():
         return
     if STEP_DIR.match(path.name):
         doomed = path.with_name(path.name + ".deleting")

@@ -102,11 +102,12 @@ def _first_missing(path: Path) -> Path | None:
     return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
 
 
-def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = False) -> Path:
+def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = False,
+                   fix: str = "give a path in a writable folder") -> Path:
     """Check, before any slow work, that `key=value` can be written, by doing it: create the folder that
     will hold the output (an output file's folder, or the output folder itself) and a temporary file in
     it, then remove both again. Root passes every permission test, so nothing is asked of os.access.
-    UserError naming the path and the reason otherwise; returns the absolute path."""
+    UserError naming the path, the reason and `fix` otherwise; returns the absolute path."""
     path = Path(value).expanduser().absolute()
     if not is_dir and path.is_dir():
         raise UserError(f"{key}={value} is a directory; give a file path, e.g. {key}={path / 'out.txt'}.")
@@ -115,7 +116,7 @@ def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = Fa
     folder = path if is_dir else path.parent
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"{key}={value}: {existing} is not a directory; give a path in a writable folder.")
+        raise UserError(f"{key}={value} cannot be written: {existing} is not a directory; {fix}.")
     created = _first_missing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +124,7 @@ def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = Fa
             pass
     except OSError as err:
         raise UserError(f"{key}={value} cannot be written: {err.strerror or err} ({err.filename or folder}); "
-                        f"give a path in a writable folder.") from None
+                        f"{fix}.") from None
     finally:
         if created is not None and created.is_dir():
             shutil.rmtree(created, ignore_errors=True)
