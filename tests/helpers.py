@@ -10,11 +10,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from torch import nn
 
 from gpt2.cli import register_configs
-from gpt2.config import TrainConfig
+from gpt2.config import (
+    DataConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
+from gpt2.data.prepared import PreparedData
+from gpt2.model.gpt import GPT
+from gpt2.train.metrics import read_metrics
+from gpt2.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -144,7 +156,6 @@ def tiny_trainer(cfg: TrainConfig, output_dir: Path, model=None, loaders=None):
     from gpt2.train.optim import build_optimizer
     from gpt2.train.plan import resolve_plan
     from gpt2.train.train import build_data, prepare
-    from gpt2.train.trainer import Trainer
 
     ranks = cpu_ranks()
     prepared = prepare(cfg) if loaders is None else None
@@ -171,3 +182,107 @@ def save_model_checkpoint(root: Path, step: int, model, keep_last: int = 2) -> P
               "tokenizer": dict(GPT2_RECORD)}
     return save_toy_checkpoint(root, step, model, torch.optim.SGD(model.parameters(), lr=0.1),
                                trainer_state={"step": step}, record=record, keep_last=keep_last, keep_best=False)
+
+
+BPE = TokenizerConfig(name="bpe", vocab_size=4096, train_max_bytes=2_000_000)
+
+
+def bpe_overrides(cache: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "data=shakespeare", f"data.cache_dir={cache}", "data.max_tokens=60000", "data.num_proc=1",
+            "tokenizer=bpe", f"tokenizer.vocab_size={BPE.vocab_size}",
+            f"tokenizer.train_max_bytes={BPE.train_max_bytes}",
+            "logger=none", "progress_bar=false", "device=cpu", "precision=fp32", "total_batch_tokens=256",
+            "micro_batch_size=4", "block_size=64", "eval_interval=0", "eval_iters=1", "sample_tokens=8", *extra]
+
+
+WORKERS = REPO / "tests" / "workers" / "checkpoint_workers.py"
+
+
+def make_docs(n: int = 300) -> list[str]:
+    return [f"Document {i}. " + " ".join(f"word{(i * 7 + j) % 97}" for j in range(5 + i % 40)) + "\n"
+            for i in range(n)]
+
+
+def tiny_model(vocab_size: int = 101, n_positions: int = 64) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=n_positions, vocab_size=vocab_size)
+    return GPT(cfg).eval()
+
+
+def run_entry(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
+
+
+TINY_RUN = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_size=32", "eval_interval=3",
+                 "eval_iters=2", "sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
+                 "log_interval=1"]
+
+
+def save_toy(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, config: dict | None = None,
+         **kw) -> Path:
+    args = dict(trainer_state={"step": step}, rank_state={"pos": step}, record={"config": config or {"seed": 1}})
+    args.update(kw)
+    return save_toy_checkpoint(root, step, model, opt, **args)
+
+
+def run_checkpoint_worker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python tests/workers/checkpoint_workers.py MODE ...`"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(WORKERS), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
+
+def hf_logits(path: Path, idx: torch.Tensor) -> torch.Tensor:
+    """transformers' logits for `idx` from the model saved at `path` (loaded with nothing missing or extra)."""
+    import transformers
+
+    model, info = transformers.GPT2LMHeadModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        return model.eval()(idx).logits
+
+
+def text_cfg(path: Path | str, cache: Path, tiktoken_file: str, **kw: object) -> DataConfig:
+    kw = {"num_proc": 1, **kw}
+    return DataConfig(name="text", path=str(path), cache_dir=str(cache), tokenizer_path=tiktoken_file,
+                      **kw)  # type: ignore[arg-type]
+
+
+def split_tokens(p: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    return p.stream("train")[:], p.stream("val")[:]
+
+
+EOT = 50256
+
+
+def split_docs(ids: np.ndarray) -> list[list[int]]:
+    """Documents of a split: every document ends with eot."""
+    assert len(ids) == 0 or ids[-1] == EOT
+    cuts = np.flatnonzero(ids == EOT)
+    return [ids[a + 1 : b].tolist() for a, b in zip(np.concatenate([[-1], cuts[:-1]]), cuts)]
+
+
+def data_cfg(kind: str, path: Path, cache: Path, tiktoken_file: str, **kw: object) -> DataConfig:
+    common = {"cache_dir": str(cache), "tokenizer_path": tiktoken_file, "num_proc": 1, **kw}
+    if kind == "text":
+        return DataConfig(name="text", path=str(path), **common)  # type: ignore[arg-type]
+    builder = {"jsonl": "json", "parquet": "parquet"}[kind]
+    return DataConfig(name="hf", path=builder, data_files=[str(path)], **common)  # type: ignore[arg-type]
+
+
+CPU = torch.device("cpu")
+
+
+class MaliciousPickle:
+    """Unpickling this creates `marker` (it is what an attacker's checkpoint would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
