@@ -57,7 +57,8 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int, autocast: bool
     if precision == "fp32":
         runs = {"ours": lambda idx: generate(ours, idx, new_tokens, temperature=0.0)}
         if static:
-            runs["ours (static cache)"] = lambda idx: generate(ours, idx, new_tokens, temperature=0.0, decode_mode="static")
+            runs["ours (static cache)"] = lambda idx: generate(ours, idx, new_tokens, temperature=0.0,
+                                                               decode_mode="static")
         return {**runs, "hf": hf_run(hf)}
     ours_bf16 = copy.deepcopy(ours).to(DTYPES[precision])
     hf_bf16 = copy.deepcopy(hf).to(DTYPES[precision])

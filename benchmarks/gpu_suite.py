@@ -1,4 +1,4 @@
-"""Every GPU figure of issue #12 in one run (< 6 minutes on one H100/H200), driven by benchmarks/gpu.sh.
+"""Every GPU figure of the GPU benchmark in one run (< 6 minutes on one H100/H200), driven by benchmarks/gpu.sh.
 
 1. Training step, 124M, T1024, bf16 autocast + torch.compile + fused AdamW, random tokens, at B16 and B64:
    our GPT (vocabulary padded to 64, as on CUDA by default), HF GPT2LMHeadModel, and nanoGPT's `GPT` when

@@ -33,10 +33,10 @@ from common import default_out, environment, fmt, markdown_table, median, write_
 from gpt2.config import ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
 from gpt2.model.gpt import GPT
 from gpt2.model.presets import model_preset
-from gpt2.runtime.device import DTYPES, autocast, set_tf32
+from gpt2.runtime.device import DTYPES, autocast, detect_peak_flops, set_tf32
 from gpt2.runtime.distributed import DistInfo
-from gpt2.runtime.device import detect_peak_flops
 from gpt2.train.optim import build_optimizer
+from gpt2.train.plan import resolve_plan
 from gpt2.train.trainer import Trainer
 
 
@@ -66,6 +66,7 @@ class RandomBatches:
         g = torch.Generator().manual_seed(seed)
         data = torch.randint(0, vocab, (batch, seq + 1), generator=g)  # (B, T+1)
         self.x, self.y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+        self.tokens = data[0].numpy()  # (T+1,): one val window, so the Trainer can be built (it never evaluates)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y
@@ -89,7 +90,8 @@ def build_ours(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool, d
     optimizer = build_optimizer(model, train_cfg.optimizer, device.type)
     batches = RandomBatches(cfg.vocab_size, shape.batch, shape.seq, device)
     ranks = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    trainer = Trainer(train_cfg, model, optimizer, batches, batches, ranks, out_dir)  # type: ignore[arg-type]
+    plan = resolve_plan(train_cfg, ranks, lambda: (int(cfg.vocab_size or 50257), "benchmark"), None, None)
+    trainer = Trainer(train_cfg, plan, model, optimizer, batches, batches, ranks, out_dir)  # type: ignore[arg-type]
     return lambda: trainer.train_step()["train/loss"]
 
 

@@ -179,21 +179,27 @@ def _download(name: str) -> Path:
         ) from err
 
 
+def local_pretrained_dir(name_or_dir: str) -> Path | None:
+    """The local Hugging Face directory `name_or_dir` names (one holding config.json), or None for a hub name
+    (gpt2, gpt2-medium, gpt2-large, gpt2-xl) to download. A folder named like a hub model but without
+    config.json (this repository's own gpt2/ package, say) is not taken for a model."""
+    path = Path(name_or_dir).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    if name_or_dir in HUB_MODELS:
+        return None
+    if path.is_dir():
+        raise UserError(f"{path} has no config.json; pass a directory written by save_pretrained.")
+    raise UserError(f"pretrained={name_or_dir!r} is neither a directory nor a known model; choose one of "
+                    f"{', '.join(HUB_MODELS)} or pass a directory holding config.json and model.safetensors.")
+
+
 def load_pretrained(name_or_dir: str, *, dropout: float = 0.0, pad_vocab_multiple: int | None = None) -> GPT:
     """A GPT with Hugging Face GPT-2 weights: a local HF directory (config.json + model.safetensors or
     pytorch_model.bin) or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl). fp32 on the CPU.
     dropout and pad_vocab_multiple are not part of the weights: pass them for fine-tuning."""
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        directory = path
-    elif name_or_dir in HUB_MODELS:
-        directory = _download(name_or_dir)
-    else:
-        raise UserError(f"pretrained={name_or_dir!r} is neither a directory nor a known model; choose one of "
-                        f"{', '.join(HUB_MODELS)} or pass a directory holding config.json and model.safetensors.")
+    directory = local_pretrained_dir(name_or_dir) or _download(name_or_dir)
     config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise UserError(f"{directory} has no config.json; pass a directory written by save_pretrained.")
     try:
         cfg = model_config_from_hf(json.loads(config_file.read_text()))
         cfg.dropout, cfg.pad_vocab_multiple = dropout, pad_vocab_multiple

@@ -60,9 +60,14 @@ class CombinedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, parts: dict[str, torch.optim.Optimizer]) -> None:
         self.parts = parts
-        self.param_groups = [g for opt in parts.values() for g in opt.param_groups]
         self.defaults = {}
         self.state = {}  # each part keeps its own state
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """The parts' groups as they are now: loading a state dict replaces a part's group dicts, so a list
+        taken once would keep the old ones (and the lr schedule would stop reaching the parts)."""
+        return [g for opt in self.parts.values() for g in opt.param_groups]
 
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for opt in self.parts.values():
@@ -105,15 +110,3 @@ def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["peak_lr"] * multiplier
     return optimizer.param_groups[0]["lr"]
-
-
-def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    """Every param group's settings (lr, peak_lr, weight_decay, betas, ...) without its params."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def set_hyperparameters(optimizer: torch.optim.Optimizer, settings: list[dict[str, Any]]) -> None:
-    """Put `settings` (from `hyperparameters`) back, e.g. after loading a checkpoint's optimizer state,
-    which carries the old run's values: on resume the config's hyperparameters win."""
-    for group, values in zip(optimizer.param_groups, settings, strict=True):
-        group.update(values)

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from gpt2.checkpoint.handle import Checkpoint
 from gpt2.config import ModelConfig, TrainConfig, check_batch
 from gpt2.errors import UserError
-from gpt2.model.presets import HUB_MODELS, model_preset
+from gpt2.model.presets import model_preset
 from gpt2.runtime.device import resolve_precision
 from gpt2.runtime.distributed import DistInfo
 from gpt2.train.resume import resume_model
@@ -73,19 +72,16 @@ def pretrained_architecture(name_or_dir: str) -> ModelConfig:
     config.json, or the preset of a hub name (gpt2, gpt2-medium, ... are our presets)."""
     import json
 
-    from gpt2.model.hf import model_config_from_hf
+    from gpt2.model.hf import local_pretrained_dir, model_config_from_hf
 
-    path = Path(name_or_dir).expanduser()
-    if path.is_dir():
-        try:
-            return model_config_from_hf(json.loads((path / "config.json").read_text()))
-        except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"init.pretrained={name_or_dir}: cannot read its config.json ({err}); pass a directory "
-                            f"written by save_pretrained.") from None
-    if name_or_dir in HUB_MODELS:
+    directory = local_pretrained_dir(name_or_dir)
+    if directory is None:
         return model_preset(name_or_dir)
-    raise UserError(f"init.pretrained={name_or_dir!r} is neither a directory nor a known model; choose one of "
-                    f"{', '.join(HUB_MODELS)} or pass a directory holding config.json and model.safetensors.")
+    try:
+        return model_config_from_hf(json.loads((directory / "config.json").read_text()))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"init.pretrained={name_or_dir}: cannot read {directory / 'config.json'} ({err}); pass a "
+                        f"directory written by save_pretrained.") from None
 
 
 def resolve_plan(cfg: TrainConfig, ranks: DistInfo, vocab: Callable[[], tuple[int, str]], resume: Checkpoint | None,

