@@ -13,7 +13,6 @@ import difflib
 import logging
 import os
 import secrets
-import shutil
 import sys
 import typing
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2 import config as C
 from gpt2.errors import ConfigError, UserError
 from gpt2.runtime import ranks
-from gpt2.utils.fs import RUN_FILES, check_writable, symlink_refusal
+from gpt2.utils.fs import RUN_FILES, check_writable, remove_tree, symlink_refusal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_FILES = {".hydra", "train.log", "generate.log", "eval.log"}
@@ -252,7 +251,7 @@ def remove_unused_run_dir(output_dir: str | Path) -> bool:
         return False
     if any(child.name not in HYDRA_FILES for child in path.iterdir()):
         return False
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)
     parent = path.parent
     while first_new in (parent, *parent.parents) and parent.exists():  # empty folders made for it (the date)
         try:

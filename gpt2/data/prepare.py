@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +41,7 @@ from gpt2.errors import Interrupted, UserError
 from gpt2.runtime.distributed import main_rank_first
 from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer, trained_bpe
 from gpt2.tokenizers.factory import AnyTokenizer, load_named
-from gpt2.utils.fs import atomic_write, move_into_place
+from gpt2.utils.fs import atomic_write, move_into_place, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
-        shutil.rmtree(work, ignore_errors=True)
+        remove_tree(work)
         raise UserError(
             f"data.cache_dir={cfg.cache_dir} is full ({e.strerror}: {e.filename or work}); the partial preparation "
             f"was removed. Free space there (the corpus needs about {np.dtype(token_dtype(tok.n_vocab)).itemsize} "
