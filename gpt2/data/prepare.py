@@ -34,7 +34,7 @@ import numpy as np
 from gpt2.config import DataConfig, TokenizerConfig
 from gpt2.data.encoding import BATCH_CHARS, encoded, tasks
 from gpt2.data.prepared import MANIFEST, PreparedData, external_shards, load_prepared
-from gpt2.data.shard_writer import ShardWriter
+from gpt2.data.shard_writer import ShardWriter, move_tail
 from gpt2.data.shards import token_dtype
 from gpt2.data.sources import Source, make_source
 from gpt2.errors import Interrupted, UserError
@@ -45,8 +45,10 @@ from gpt2.utils.fs import atomic_write, move_into_place, remove_tree
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
-"""Bump when the prepared layout or document handling changes (invalidates old caches). 2: shards."""
+FORMAT_VERSION = 3
+"""Bump when the prepared layout or document handling changes (invalidates old caches). 2: shards; 3: the val
+split always in val_*.bin shards, and each shard's largest token id in the manifest. Folders of earlier
+formats still load (gpt2.data.prepared reads any split as shards plus a token range)."""
 CHECKPOINT_S = 30.0
 """Save the preparation state at least this often (and after every finished shard)."""
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -82,6 +84,7 @@ def _tokenize(source: Source, tok: AnyTokenizer, cfg: DataConfig, key: str, work
     if state and state.get("key") != key:
         raise UserError(f"{state_path} belongs to another preparation; delete {work} and rerun.")
     docs_done, n_val_docs = int(state.get("docs_done", 0)), int(state.get("n_val_docs", 0))
+    tail: dict[str, Any] = {"move": state.get("tail")}  # set once every document is in: the val tail being moved
     writers = {name: ShardWriter(work, name, dtype, cfg.shard_tokens, state.get(name, {}))
                for name in ("train", "val")}
     cap = cfg.max_tokens
@@ -98,11 +101,12 @@ def _tokenize(source: Source, tok: AnyTokenizer, cfg: DataConfig, key: str, work
     def save() -> None:
         nonlocal last_save
         atomic_write(state_path, json.dumps({"key": key, "docs_done": docs_done, "n_val_docs": n_val_docs,
-                                             **{name: w.sync() for name, w in writers.items()}}, indent=1) + "\n")
+                                             **{name: w.sync() for name, w in writers.items()}, "tail": tail["move"]},
+                                            indent=1) + "\n")
         last_save = time.time()
 
     target = writers["train"] if docs_done == 0 else None  # the first document always trains
-    full = cap is not None and total >= cap
+    full = (cap is not None and total >= cap) or tail["move"] is not None
     try:
         with _progress() as bar:
             task = bar.add_task("tokenize", total=source.n_docs, completed=docs_done, info="")
@@ -141,11 +145,38 @@ def _tokenize(source: Source, tok: AnyTokenizer, cfg: DataConfig, key: str, work
         for w in writers.values():
             w.finish_shard()
         save()
+        if writers["val"].n_tokens == 0 and total >= 2 or tail["move"] is not None:
+            _move_val_tail(writers, work, dtype, cfg, tail, save)
     finally:
         for w in writers.values():
             w.close()
     return {"docs_done": docs_done, "n_val_docs": n_val_docs, "seconds": round(time.time() - t0, 2),
-            "writers": writers, "dtype": dtype}
+            "writers": writers, "dtype": dtype, "split": "tokens" if tail["move"] is not None else "documents"}
+
+
+def _move_val_tail(writers: dict[str, ShardWriter], work: Path, dtype: str, cfg: DataConfig, tail: dict[str, Any],
+                   save: Callable[[], None]) -> None:
+    """A corpus whose documents all went to train (one document): move its last val_fraction of tokens into
+    val_*.bin shards of their own, so that no train shard holds a val token (tools that read *_train_*.bin,
+    such as llm.c's loader, never train on them). In phases saved in state.json (`tail["move"]`), so a kill
+    resumes: `copy` (val shards from the train tail, redone from scratch), then `truncate` (the train shards
+    cut; idempotent), then `done`."""
+    train = writers["train"]
+    if tail["move"] is None:
+        total = train.n_tokens
+        tail["move"] = {"n_val": min(max(1, math.ceil(cfg.val_fraction * total)), total - 1), "phase": "copy"}
+        save()
+    move = tail["move"]
+    if move["phase"] == "copy":
+        writers["val"].close()
+        writers["val"] = ShardWriter(work, "val", dtype, cfg.shard_tokens, {})  # drops an interrupted copy's files
+        move_tail(train, writers["val"], move["n_val"])
+        move["phase"] = "truncate"
+        save()
+    if move["phase"] == "truncate":
+        train.truncate(train.n_tokens - move["n_val"])
+        move["phase"] = "done"
+        save()
 
 
 def _manifest(cfg: DataConfig, source: Source, tok: AnyTokenizer, key: str, done: dict[str, Any]) -> dict[str, Any]:
@@ -153,18 +184,12 @@ def _manifest(cfg: DataConfig, source: Source, tok: AnyTokenizer, key: str, done
     total = train.n_tokens + val.n_tokens
     if total < 2:
         raise UserError(f"The corpus holds {total} token(s); a train and a non-empty val split need at least 2.")
-    if val.n_tokens:
-        splits = {name: {"shards": w.shards, "start": 0, "stop": w.n_tokens} for name, w in done["writers"].items()}
-        how = "documents"
-    else:  # one document: val is the tail of the token stream
-        n_val = min(max(1, math.ceil(cfg.val_fraction * total)), total - 1)
-        splits = {"train": {"shards": train.shards, "start": 0, "stop": total - n_val},
-                  "val": {"shards": train.shards, "start": total - n_val, "stop": total}}
-        how = "tokens"
+    splits = {name: {"shards": w.shards, "start": 0, "stop": w.n_tokens} for name, w in done["writers"].items()}
+    how = done["split"]
     return {
         "format_version": FORMAT_VERSION, "key": key, "source": source.describe, "data_name": cfg.name,
         "tokenizer": tok.id, "n_vocab": tok.n_vocab, "dtype": done["dtype"], "eot_token": tok.eot_token,
-        "n_docs": done["docs_done"], "split": how, "n_val_docs": done["n_val_docs"] if val.n_tokens else 0,
+        "n_docs": done["docs_done"], "split": how, "n_val_docs": done["n_val_docs"] if how == "documents" else 0,
         "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "max_tokens": cfg.max_tokens,
         "n_train_tokens": splits["train"]["stop"] - splits["train"]["start"],
         "n_val_tokens": splits["val"]["stop"] - splits["val"]["start"], "seconds": done["seconds"],

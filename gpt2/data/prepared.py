@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.config import DataConfig
-from gpt2.data.shards import Split, TokenStream, check_vocab, expand_shard_paths, open_shard
+from gpt2.data.shards import Split, TokenStream, check_token_ids, check_vocab, expand_shard_paths, open_shard
 from gpt2.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -72,8 +72,13 @@ def manifest_split(folder: str | os.PathLike[str], manifest: dict[str, Any], nam
 
 
 def load_prepared(folder: str | os.PathLike[str], tokenizer: Any = None) -> PreparedData:
-    """A prepared folder (every shard its manifest names checked: present, header, size)."""
+    """A prepared folder (every shard its manifest names checked: present, header, size, and its recorded largest
+    token id below the tokenizer's n_vocab)."""
     manifest = read_manifest(folder)
+    if tokenizer is not None:
+        shards = [s for split in manifest["splits"].values() for s in split["shards"] if "max_id" in s]
+        check_token_ids([str(Path(folder) / s["file"]) for s in shards], tokenizer.n_vocab, tokenizer.id, folder,
+                        known={str(Path(folder) / s["file"]): int(s["max_id"]) for s in shards})
     return PreparedData(str(folder), manifest_split(folder, manifest, "train"),
                         manifest_split(folder, manifest, "val"), manifest, tokenizer)
 
@@ -83,6 +88,7 @@ def external_shards(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     data.val_path) are the val split, else the last val_fraction of the train tokens."""
     train = expand_shard_paths(str(cfg.path))
     check_vocab(TokenStream(train), tokenizer.n_vocab)
+    check_token_ids(train, tokenizer.n_vocab, tokenizer.id, cfg.cache_dir)
     val_pattern = cfg.val_path
     head, tail = os.path.split(str(cfg.path))
     if val_pattern is None and "train" in tail:
@@ -91,6 +97,7 @@ def external_shards(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     meta = {"data_name": "shards", "source": cfg.path}
     if val_pattern is not None:
         val = expand_shard_paths(val_pattern)
+        check_token_ids(val, tokenizer.n_vocab, tokenizer.id, cfg.cache_dir)
         n = len(TokenStream(train))
         return PreparedData(os.path.dirname(train[0]), Split(train, 0, n), Split(val, 0, len(TokenStream(val))),
                             {**meta, "split": "files"}, tokenizer)

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import bisect
 import glob
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,6 +109,42 @@ def expand_shard_paths(pattern: str) -> list[str]:
         raise UserError(f"data.path={pattern!r} matches no shard files; give a glob such as 'dir/*_train_*.bin' "
                         f"(quoted in the shell), a folder of .bin/.npy shards, or one shard file.")
     return files
+
+
+def max_token_id(path: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> int:
+    """The largest token id in a shard, read once per shard file and cached in `<cache_dir>/shard-ids/` under a
+    key of the file's absolute path, size and modification time (a shard written again is read again)."""
+    path = Path(path).absolute()
+    st = path.stat()
+    key = hashlib.sha1(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    cached = Path(os.path.expanduser(str(cache_dir))) / "shard-ids" / f"{key}.json"
+    try:
+        return int(json.loads(cached.read_text())["max_id"])
+    except (OSError, ValueError, KeyError):
+        pass
+    tokens = open_shard(path)
+    largest = max((int(tokens[a : a + (1 << 24)].max()) for a in range(0, len(tokens), 1 << 24)), default=-1)
+    try:
+        atomic_write(cached, json.dumps({"path": str(path), "max_id": largest}) + "\n")
+    except OSError:  # a read-only cache only costs the pass again next time
+        pass
+    return largest
+
+
+def check_token_ids(paths: Sequence[str | os.PathLike[str]], n_vocab: int, tokenizer_id: str,
+                    cache_dir: str | os.PathLike[str], known: dict[str, int] | None = None) -> None:
+    """UserError naming the first shard that holds an id the tokenizer does not have (ids >= n_vocab would
+    crash the embedding, and on a GPU kill every rank with a device-side assert). `known` gives the largest id
+    of shards whose manifest records it; the others are read once (see `max_token_id`)."""
+    for p in paths:
+        largest = (known or {}).get(str(p))
+        if largest is None:
+            largest = max_token_id(p, cache_dir)
+        if largest >= n_vocab:
+            raise UserError(f"{p} holds token id {largest}, but the tokenizer ({tokenizer_id}) has n_vocab={n_vocab}: "
+                            f"the shard was made with another tokenizer. Train with the tokenizer it was made with "
+                            f"(tokenizer=gpt2, or tokenizer=file tokenizer.path=...json), or prepare the corpus "
+                            f"again with this one.")
 
 
 def check_vocab(stream: TokenStream, n_vocab: int) -> None:

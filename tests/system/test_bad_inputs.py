@@ -297,6 +297,22 @@ def test_generate_output_file_is_checked_before_loading(tmp_path: Path, can_moun
                     tmp_path, ro=ro)
     one_error(code, out, f"output_file={ro / 'samples.txt'} cannot be written", "Read-only file system")
     assert snapshot(tmp_path) == before
+    code, out = run([str(REPO / "run_generate.py"), f"checkpoint={missing}", "output_file=/proc/x/out.txt"], tmp_path)
+    one_error(code, out, "output_file=/proc/x/out.txt cannot be written")  # root passes os.access; mkdir does not
+
+
+@pytest.mark.slow
+def test_generate_keeps_the_samples_when_the_final_write_fails(tmp_path: Path, tiny_hf_dir: Path,
+                                                               tiktoken_file: str) -> None:
+    """The output folder passes the check (an empty test file), then the samples' write fails (a file-size limit
+    as on a full disk): one error line, the samples are on stdout, no partial file is left."""
+    out_file = tmp_path / "out" / "samples.txt"
+    code, out = run([str(REPO / "run_generate.py"), f"pretrained={tiny_hf_dir}", f"tokenizer_path={tiktoken_file}",
+                     f"output_file={out_file}", "max_new_tokens=40", "num_samples=3", "device=cpu", "prompt=Hello"],
+                    tmp_path, preexec=fsize_limit(64))
+    line = one_error(code, out, f"could not write output_file={out_file}", "the 3 sample(s) were printed above")
+    assert out.count("Hello") >= 3 and line
+    assert not out_file.exists() and not list(out_file.parent.glob("*"))
 
 
 def test_eval_output_file_is_checked_before_loading(tmp_path: Path) -> None:
@@ -337,3 +353,21 @@ def test_auto_micro_batch_cli_error_on_cpu(tmp_path: Path, base_overrides: list[
     assert result.proc.returncode == 2
     assert result.proc.stderr.startswith("error: micro_batch_size=auto needs a CUDA device")
     assert "Traceback" not in result.proc.stderr
+
+
+@pytest.mark.slow
+def test_a_shard_with_token_ids_beyond_the_vocabulary_is_one_error_and_nothing_trains(
+        tmp_path: Path, base_overrides: list[str]) -> None:
+    import numpy as np
+
+    from gpt2.data.shards import write_shard
+
+    tokens = (np.arange(20000) % 50257).astype(np.uint16)
+    tokens[777] = 60000
+    write_shard(tmp_path / "x_train_000000.bin", tokens)
+    before = snapshot(tmp_path)
+    args = [*(o for o in base_overrides if not o.startswith("data=")), "data=shards",
+            f"data.path={tmp_path / 'x_train_*.bin'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    code, out = run([str(REPO / "run_train.py"), *args], tmp_path)
+    one_error(code, out, "x_train_000000.bin holds token id 60000", "n_vocab=50257")
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()

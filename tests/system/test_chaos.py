@@ -113,7 +113,9 @@ def slow(self, tokens):
     add(self, tokens)
 ShardWriter.add = slow
 import gpt2.data.prepare as D
+import gpt2.data.shard_writer as SW
 D.CHECKPOINT_S = 0.0
+SW.MOVE_CHUNK = int(sys.argv[4])  # a one-document corpus moves its val tail in many small copies
 p = prepare_data(DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2], tokenizer_path=sys.argv[3],
                             num_proc=2, shard_tokens=700))
 print("DONE", p.folder)
@@ -121,9 +123,16 @@ print("DONE", p.folder)
 
 
 @pytest.mark.slow
-def test_sigkill_during_preparation_then_rerun_is_byte_identical(corpora: dict[str, Path], tmp_path: Path,
+@pytest.mark.parametrize("kind", ["documents", "one_document"])
+def test_sigkill_during_preparation_then_rerun_is_byte_identical(kind: str, corpora: dict[str, Path], tmp_path: Path,
                                                                  tiktoken_file: str) -> None:
-    args = [str(corpora["text"]), str(tmp_path / "killed"), tiktoken_file]
+    """Kills land in the tokenization (many documents) or in the move of a one-document corpus's val tail into
+    val shards (its state is saved only once the document is in): the rerun's shards are byte-identical."""
+    corpus = corpora["text"]
+    if kind == "one_document":
+        corpus = tmp_path / "one.txt"
+        corpus.write_text("".join(p.read_text() for p in sorted(corpora["text"].iterdir())))
+    args = [str(corpus), str(tmp_path / "killed"), tiktoken_file, "10" if kind == "one_document" else "16777216"]
     env = subprocess_env()
     kills = 0
     for attempt in range(10):

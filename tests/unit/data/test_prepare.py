@@ -123,3 +123,42 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing(corpora: dict[str, Path
     lines = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and f"data.cache_dir={cache} is full" in lines[0] and "removed" in lines[0], out
     assert not [p for p in (cache / "prepared").iterdir() if p.is_dir()]  # no partial folder, no shard left
+
+
+def test_a_one_document_corpus_keeps_its_val_tokens_out_of_every_train_shard(tmp_path: Path,
+                                                                            tiktoken_file: str) -> None:
+    """llm.c's loader (or modded-nanogpt) pointed at *_train_*.bin must never read val tokens."""
+    from gpt2.data.shards import TokenStream
+
+    tok = get_tokenizer(tiktoken_file)
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(3000))
+    (tmp_path / "one.txt").write_text(text)
+    p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", tiktoken_file, shard_tokens=9000))
+    folder = Path(p.folder)
+    train_files = sorted(folder.glob("train_*.bin"))
+    assert [Path(f).name for f in p.val.paths] == ["val_000000.bin"] and len(train_files) > 2
+    assert p.meta["split"] == "tokens" and p.val.start == 0 and p.val.stop == p.n_val_tokens
+    train_tokens = TokenStream(train_files)[:].tolist()
+    val_tokens = TokenStream([folder / "val_000000.bin"])[:].tolist()
+    assert train_tokens + val_tokens == tok.encode(text) + [EOT]  # every token once, in order
+    assert len(train_tokens) == p.n_train_tokens and len(val_tokens) == int(np.ceil(0.05 * len(tok.encode(text))))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert all(s["max_id"] < 50257 for split in manifest["splits"].values() for s in split["shards"])
+
+
+def test_a_folder_prepared_with_val_inside_the_train_shards_still_loads(tmp_path: Path) -> None:
+    """The layout of format 2: a one-document corpus's val split was a token range of the last train shard."""
+    from gpt2.data.prepared import load_prepared
+    from gpt2.data.shards import write_shard
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    tokens = (np.arange(1000) % 50000).astype(np.uint16)
+    write_shard(folder / "train_000000.bin", tokens[:600])
+    write_shard(folder / "train_000001.bin", tokens[600:])
+    shards = [{"file": "train_000000.bin", "n_tokens": 600}, {"file": "train_000001.bin", "n_tokens": 400}]
+    (folder / "manifest.json").write_text(json.dumps({"format_version": 2, "split": "tokens", "splits": {
+        "train": {"shards": shards, "start": 0, "stop": 950}, "val": {"shards": shards, "start": 950, "stop": 1000}}}))
+    p = load_prepared(folder)
+    assert p.stream("train")[:].tolist() == tokens[:950].tolist()
+    assert p.stream("val")[:].tolist() == tokens[950:].tolist()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2.config import DataConfig
 from gpt2.data.prepare import prepare_data
 from gpt2.data.shards import TokenStream, check_vocab, write_shard
 from gpt2.errors import UserError
@@ -68,3 +69,37 @@ def test_bad_shards_are_clear_errors(tmp_path: Path, tiktoken_file: str, corpora
     with pytest.raises(UserError, match=r"names train_000001\.bin, which is missing"):
         prepare_data(cfg)
     assert (Path(prepared.folder) / "manifest.json").read_bytes() == manifest
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".npy"])
+def test_token_ids_beyond_the_vocabulary_are_one_error_naming_the_shard(suffix: str, tmp_path: Path,
+                                                                         tiktoken_file: str) -> None:
+    from gpt2.data.prepare import prepare_data
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    ok = (np.arange(5000) % 50257).astype(np.uint16)
+    bad = ok.copy()
+    bad[1234] = 60000  # made with a 64K-token tokenizer
+    for name, tokens in (("x_train_000000", ok), ("x_train_000001", bad), ("x_val_000000", ok)):
+        if suffix == ".npy":
+            np.save(shards / f"{name}.npy", tokens)
+        else:
+            write_shard(shards / f"{name}.bin", tokens)
+    cfg = DataConfig(name="shards", path=str(shards / f"x_train_*{suffix}"), cache_dir=str(tmp_path / "cache"),
+                     tokenizer_path=tiktoken_file)
+    with pytest.raises(UserError, match=rf"x_train_000001\{suffix} holds token id 60000, but the tokenizer .* "
+                                        rf"has n_vocab=50257"):
+        prepare_data(cfg)
+    cached = list((tmp_path / "cache" / "shard-ids").glob("*.json"))
+    assert len(cached) == 2  # each shard read once, ever: the largest ids are cached
+    (shards / f"x_val_000000{suffix}").unlink()  # a val split given by data.val_path is checked the same way
+    if suffix == ".npy":
+        np.save(shards / "v.npy", bad)
+    else:
+        write_shard(shards / "v.bin", bad)
+    ok_train = DataConfig(name="shards", path=str(shards / f"x_train_000000{suffix}"),
+                          val_path=str(shards / f"v{suffix}"), cache_dir=str(tmp_path / "cache"),
+                          tokenizer_path=tiktoken_file)
+    with pytest.raises(UserError, match=rf"v\{suffix} holds token id 60000"):
+        prepare_data(ok_train)

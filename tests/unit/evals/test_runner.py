@@ -75,3 +75,29 @@ def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, t
     assert payload["results"]["hellaswag"]["acc_norm"] == direct.acc_norm
     with pytest.raises(UserError, match="val_loss needs a corpus: pass data="):
         run_evals(EvalRunConfig(pretrained=str(tmp_path / "hf"), tasks=["val_loss"], device="cpu"))
+
+
+@pytest.mark.slow
+def test_run_eval_scores_the_whole_small_split_unless_asked_for_the_training_windows(
+        tmp_path: Path, base_overrides: list[str]) -> None:
+    """A quickstart-like run logs its val loss on eval_iters batches only; run_eval.py, where people go for the
+    real number, scores the whole split (val_tokens rule), and the logged windows only with match_training."""
+    import io
+
+    from gpt2.config import EvalRunConfig
+    from gpt2.evals.runner import run_evals
+    from gpt2.train.metrics import read_metrics
+    from gpt2.train.train import train
+    from tests.helpers import compose_train
+
+    run = tmp_path / "run"
+    train(compose_train([*base_overrides, "max_steps=2", "eval_interval=0", "eval_iters=3", "micro_batch_size=4",
+                         "block_size=64", "total_batch_tokens=256", "sample_tokens=0"]), run)
+    logged = [r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r][-1]
+    assert logged["val/tokens"] == 3 * 4 * 64
+    whole = run_evals(EvalRunConfig(checkpoint=str(run), tasks=["val_loss"], device="cpu"), io.StringIO())
+    res = whole["results"]["val_loss"]
+    assert res["full_split"] and res["tokens"] == res["split_tokens"] - 1  # every val token but the first, once
+    same = run_evals(EvalRunConfig(checkpoint=str(run), tasks=["val_loss"], device="cpu", dtype="fp32", batch_size=4,
+                                   match_training=True), io.StringIO())["results"]["val_loss"]
+    assert same["tokens"] == logged["val/tokens"] and same["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
