@@ -2,6 +2,10 @@
 wraps a tokenizer.json; `trained_bpe` trains one on a corpus once per (corpus contents, settings) and
 caches it as ``<cache_dir>/tokenizer/bpe-<key>.json``. gpt2.tokenizers.factory turns a ``tokenizer``
 config into a tokenizer.
+
+Encoding runs tiktoken when the BPE converts to it exactly (gpt2.tokenizers.bpe_tiktoken: same ids, several
+times faster), else ``tokenizers``; one log line says which when a tokenizer is loaded or trained.
+``GPT2_BPE_ENCODER=tokenizers`` always uses ``tokenizers`` (to compare the two, or to rule the conversion out).
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import tiktoken
+
 from gpt2.config import TokenizerConfig
 from gpt2.errors import UserError
+from gpt2.tokenizers.bpe_tiktoken import NotExact, tiktoken_encoding
 from gpt2.tokenizers.gpt2 import EOT
 from gpt2.utils.fs import atomic_write
 
@@ -31,13 +38,39 @@ TRAIN_CHUNK_CHARS = 1 << 16
 """Characters per string handed to the BPE trainer."""
 PROGRESS_S = 30.0
 """Seconds between progress lines while the BPE trainer reads the corpus."""
+ENCODER_ENV = "GPT2_BPE_ENCODER"
+"""Environment variable choosing how HFTokenizer encodes: "auto" (tiktoken when exact) or "tokenizers"."""
+ENCODERS = ("auto", "tokenizers")
 
 
 class HFTokenizer:
     """A Hugging Face ``tokenizers.Tokenizer`` with the GPT-2 `Tokenizer`'s API: ``encode`` treats
-    special tokens in text as plain text, ``decode`` keeps them."""
+    special tokens in text as plain text, ``decode`` keeps them.
 
-    def __init__(self, tok: Any, json_text: str, source: str | None) -> None:
+    A byte-level BPE that tiktoken can run exactly (gpt2.tokenizers.bpe_tiktoken) encodes through tiktoken,
+    several times faster, with the same ids; ``encoding`` is then that ``tiktoken.Encoding`` (data
+    preparation calls its ``encode_to_numpy``), else None. encoder: "auto" (tiktoken when exact) or
+    "tokenizers" (always the Rust tokenizer); None reads ``$GPT2_BPE_ENCODER``, default "auto". Lone
+    surrogates in text are encoded as U+FFFD on both paths (as tiktoken and the GPT-2 tokenizer do).
+    """
+
+    def __init__(self, tok: Any, json_text: str, source: str | None, encoder: str | None = None) -> None:
+        self._setup(tok, json_text, source)
+        if encoder_choice(encoder) == "tokenizers":
+            why = "encoder='tokenizers'" if encoder is not None else f"{ENCODER_ENV}=tokenizers"
+        else:
+            try:
+                self.encoding = tiktoken_encoding(json_text, self.id)
+                why = ""
+            except NotExact as e:
+                why = f"the conversion would not be exact: {e}"
+        name = source or self.id
+        if self.encoding is not None:
+            log.info("BPE tokenizer %s: encoding with tiktoken (an exact conversion of its merges)", name)
+        else:
+            log.info("BPE tokenizer %s: encoding with Hugging Face tokenizers, not tiktoken (%s)", name, why)
+
+    def _setup(self, tok: Any, json_text: str, source: str | None) -> None:
         self.tok = tok
         self.tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, as with tiktoken
         self.json_text = json_text
@@ -50,9 +83,11 @@ class HFTokenizer:
         self.eot_token: int = eot
         self.n_vocab: int = tok.get_vocab_size(with_added_tokens=True)
         self.id: str = "hf-" + hashlib.sha256(json_text.encode()).hexdigest()[:16]
+        self.encoding: tiktoken.Encoding | None = None
+        """The exact tiktoken equivalent that `encode` runs, or None (`encode` runs `tok`)."""
 
     @classmethod
-    def from_json(cls, text: str, source: str | None = None) -> HFTokenizer:
+    def from_json(cls, text: str, source: str | None = None, encoder: str | None = None) -> HFTokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         try:
@@ -61,23 +96,38 @@ class HFTokenizer:
             raise UserError(f"{source or 'the tokenizer.json'} is not a readable Hugging Face tokenizer.json "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                             f"point tokenizer.path at a tokenizer.json saved by `tokenizers`.") from None
-        return cls(tok, text, source)
+        return cls(tok, text, source, encoder)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+    def from_file(cls, path: str | os.PathLike[str], encoder: str | None = None) -> HFTokenizer:
         p = Path(os.path.expanduser(str(path)))
         try:
             text = p.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"tokenizer.path={str(path)!r} cannot be read ({type(e).__name__}: "
                             f"{getattr(e, 'strerror', None) or e}); point it at a tokenizer.json.") from None
-        return cls.from_json(text, str(path))
+        return cls.from_json(text, str(path), encoder)
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        if self.encoding is not None:
+            return self.encoding.encode_ordinary(text)
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side takes no lone surrogates: replace them, as tiktoken does
+            if not isinstance(text, str):
+                raise
+            return self.tok.encode(without_surrogates(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        if self.encoding is not None:
+            return self.encoding.encode_ordinary_batch(list(texts), num_threads=num_threads)
+        try:
+            return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        except TypeError:
+            if not all(isinstance(t, str) for t in texts):
+                raise
+            return [e.ids for e in self.tok.encode_batch([without_surrogates(t) for t in texts],
+                                                         add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
@@ -92,15 +142,33 @@ class HFTokenizer:
         return {TOKENIZER_FILE: self.json_text.encode()}
 
     def __getstate__(self) -> dict[str, Any]:  # pool workers under spawn get the JSON, not the Rust object
-        return {"json_text": self.json_text, "source": self.source}
+        return {"json_text": self.json_text, "source": self.source, "encoding": self.encoding}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """The same tokenizer in another process: the tiktoken encoding comes pickled (checked, and logged,
+        once by the process that loaded the file)."""
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.__init__(RustTokenizer.from_str(state["json_text"]), state["json_text"], state["source"])  # type: ignore[misc]
+        self._setup(RustTokenizer.from_str(state["json_text"]), state["json_text"], state["source"])
+        self.encoding = state["encoding"]
 
     def __repr__(self) -> str:
-        return f"HFTokenizer(n_vocab={self.n_vocab}, id={self.id}, source={self.source!r})"
+        engine = "tiktoken" if self.encoding is not None else "tokenizers"
+        return f"HFTokenizer(n_vocab={self.n_vocab}, id={self.id}, source={self.source!r}, encoder={engine})"
+
+
+def encoder_choice(encoder: str | None) -> str:
+    """`encoder`, or $GPT2_BPE_ENCODER when it is None (default "auto"); UserError for another value."""
+    value = encoder if encoder is not None else os.environ.get(ENCODER_ENV, "auto") or "auto"
+    if value not in ENCODERS:
+        origin = "encoder" if encoder is not None else ENCODER_ENV
+        raise UserError(f"{origin}={value!r} is not a BPE encoder; choose one of {', '.join(ENCODERS)}.")
+    return value
+
+
+def without_surrogates(text: str) -> str:
+    """`text` with lone surrogates replaced by U+FFFD (what tiktoken's encode_ordinary does with them)."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 # ------------------------------------------------------------------ training

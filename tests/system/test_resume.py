@@ -496,3 +496,46 @@ def test_incompatible_changes_on_resume_are_refused(tmp_path: Path, two_step_run
     with pytest.raises(UserError, match=f"cannot resume {ckpt} with " + re.escape(message)):
         train(compose_train([*args, "max_steps=4", change, f"resume={ckpt}"]), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+WORLD = ["precision=fp32", "total_batch_tokens=2048", "micro_batch_size=4", "block_size=128",
+         "scheduler.warmup_steps=10", "max_steps=20", "eval_interval=0", "eval_iters=1", "sample_tokens=0",
+         "log_interval=1", "checkpoint.interval=1", "checkpoint.keep_last=20", "data.max_tokens=30000"]
+"""The measurements of the world-size issue: 16 windows of 128 tokens per step; the capped corpus's train split
+holds ~220 windows, so step 14 crosses the first epoch boundary."""
+
+
+@pytest.mark.slow
+def test_a_resume_at_another_world_size_continues_with_the_same_global_batches(
+        tmp_path: Path, base_overrides: list[str]) -> None:
+    from gpt2.data.loader import TokenLoader
+    from gpt2.train.train import prepare
+
+    common = [*base_overrides, *WORLD, "distributed=ddp"]
+    one = run_train_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
+    two = run_torchrun([*common, f"hydra.run.dir={tmp_path / 'two'}"], cwd=tmp_path, nproc=2)
+    reference, on_two = last_per_step(one.run_dir), last_per_step(two.run_dir)
+    print(f"1 vs 2 ranks, steps 1-20: max |delta train loss| {max(abs(reference[s] - on_two[s]) for s in reference):.2e}")
+    assert max(abs(reference[s] - on_two[s]) for s in range(1, 21)) < 1e-5  # the same global batches
+
+    loader = TokenLoader(prepare(compose_train(common)).stream("train"), 4, 128)
+    boundary = next(step for step in range(1, 21) if 16 * step > loader.n_windows)  # this step crosses it
+    assert 10 < boundary < 20, loader.n_windows
+
+    def resumed(source: Path, step: int, nproc: int, name: str) -> dict[int, float]:
+        args = [*common, f"resume={source / 'checkpoints' / f'step_{step:08d}'}", f"hydra.run.dir={tmp_path / name}"]
+        result = (run_torchrun(args, cwd=tmp_path, nproc=nproc) if nproc > 1 else
+                  run_train_cli(args, cwd=tmp_path))
+        out = result.proc.stdout + result.proc.stderr
+        assert "the data position carries over exactly" in out and "restart from the seed" in out, out
+        losses = last_per_step(result.run_dir)
+        assert sorted(losses) == list(range(step + 1, 21))
+        return losses
+
+    for source, start, nproc, name in ((two.run_dir, 10, 1, "two_to_one_mid"),
+                                       (two.run_dir, boundary - 1, 1, "two_to_one_boundary"),
+                                       (one.run_dir, boundary - 1, 2, "one_to_two_boundary")):
+        losses = resumed(source, start, nproc, name)
+        worst = max(abs(losses[s] - reference[s]) for s in losses)
+        print(f"{name}: resumed at step {start} on {nproc} rank(s), max |delta train loss| {worst:.2e}")
+        assert worst < 1e-4, (name, worst, losses, reference)
