@@ -37,18 +37,22 @@ def main(overrides: list[str]) -> None:
     except (UserError, ValueError, OmegaConfBaseException) as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from gpt2.data.mixture import prepare_mixture
     from gpt2.data.prepare import prepare_data
 
     try:
-        prepared = prepare_data(cfg.data, tokenizer=cfg.tokenizer)
+        if cfg.data.name == C.MIX:
+            parts = [(f"{part.name}: ", part.prepared) for part in prepare_mixture(cfg.data, cfg.tokenizer).parts]
+        else:
+            parts = [("", prepare_data(cfg.data, tokenizer=cfg.tokenizer))]
     except UserError as err:
         fail(str(err))
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume the preparation", file=sys.stderr)
         sys.exit(130)
-    print(f"prepared {prepared.folder}: {prepared.n_train_tokens:,} train + {prepared.n_val_tokens:,} val tokens "
-          f"in {len(prepared.train.paths)} train shard(s)")
-
+    for name, prepared in parts:
+        print(f"prepared {name}{prepared.folder}: {prepared.n_train_tokens:,} train + {prepared.n_val_tokens:,} val "
+              f"tokens in {len(prepared.train.paths)} train shard(s)")
 
 if __name__ == "__main__":
     check_command_line(C.TrainConfig)

@@ -136,12 +136,22 @@ def run_main(main: Callable[[], object]) -> NoReturn:
 # ------------------------------------------------------------------ command-line keys
 
 
-def _nested_schema(cls: type) -> dict[str, type | None]:
-    """Each field of dataclass `cls` -> its dataclass type (for `X` and `X | None`), else None."""
+DICT_OF = object()
+"""Marks a field typed dict[str, X]: its next key part is a free name (e.g. a mixture's source), then X's keys."""
+
+
+def _nested_schema(cls: type) -> dict[str, Any]:
+    """Each field of dataclass `cls` -> its dataclass type (for `X` and `X | None`), (DICT_OF, X) for a
+    dict[str, X] of dataclasses, else None."""
     hints = typing.get_type_hints(cls, vars(C))
-    out: dict[str, type | None] = {}
+    out: dict[str, Any] = {}
     for f in fields(cls):
-        candidates = typing.get_args(hints[f.name]) or (hints[f.name],)
+        hint = hints[f.name]
+        if typing.get_origin(hint) is dict:
+            value = typing.get_args(hint)[1]
+            out[f.name] = (DICT_OF, value) if is_dataclass(value) else None
+            continue
+        candidates = typing.get_args(hint) or (hint,)
         out[f.name] = next((c for c in candidates if isinstance(c, type) and is_dataclass(c)), None)
     return out
 
@@ -151,7 +161,9 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for name, sub in _nested_schema(cls).items():
         keys.append(prefix + name)
-        if sub is not None:
+        if isinstance(sub, tuple):
+            keys += schema_keys(sub[1], f"{prefix}{name}.NAME.")
+        elif sub is not None:
             keys += schema_keys(sub, f"{prefix}{name}.")
     return keys
 
@@ -171,11 +183,14 @@ def check_override_keys(schema: type, overrides: list[str], groups: set[str] = f
         key = arg.split("=", 1)[0].lstrip("~+")
         if not key or "/" in key or "@" in key or key == "hydra" or key.startswith("hydra.") or key in groups:
             continue
-        cls: type | None = schema
+        cls: Any = schema
         prefix = ""
         for part in key.split("."):
             if cls is None:  # below a leaf that holds a list or mapping
                 break
+            if isinstance(cls, tuple):  # a free name in a dict of dataclasses (a mixture's source)
+                cls, prefix = cls[1], prefix + part + "."
+                continue
             nested = _nested_schema(cls)
             if part not in nested:
                 valid = schema_keys(schema)

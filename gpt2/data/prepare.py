@@ -237,10 +237,11 @@ def _wait_lock(path: Path) -> Any:
 
 
 def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
-                 tokenizer: TokenizerConfig | None = None) -> PreparedData:
+                 tokenizer: TokenizerConfig | None = None, tok: AnyTokenizer | None = None) -> PreparedData:
     """Tokenize cfg's corpus with `tokenizer` (default: GPT-2; tokenizer=bpe trains one first, once) into
     ``<cache_dir>/prepared/<key>/`` unless that exists; return it (its tokenizer attached). A Hugging Face
-    tokenizer's tokenizer.json is kept beside the shards.
+    tokenizer's tokenizer.json is kept beside the shards. `tok`, when given, is the tokenizer itself (the
+    sources of a mixture share the one built for the whole mixture).
 
     Safe to call from several processes (a lock file; the folder appears atomically). A killed
     run resumes. `should_stop` is polled between documents: when it returns True the progress is
@@ -249,7 +250,7 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
     cfg.check()  # the same messages as at start-up, for callers that skip `validate`
     tcfg = tokenizer or TokenizerConfig()
     tcfg.check()
-    tok = run_tokenizer(tcfg, cfg)
+    tok = tok or run_tokenizer(tcfg, cfg)
     if cfg.name == "shards":
         return external_shards(cfg, tok)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
@@ -290,7 +291,7 @@ def prepare_data(cfg: DataConfig, should_stop: Callable[[], bool] | None = None,
 
 
 def prepare_on_ranks(cfg: DataConfig, tokenizer: TokenizerConfig | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> PreparedData:
+                     should_stop: Callable[[], bool] | None = None, tok: AnyTokenizer | None = None) -> PreparedData:
     """`prepare_data` on rank 0 while the other ranks wait without a deadline, then on the others (which find
     the prepared folder in the cache); see gpt2.runtime.distributed.main_rank_first."""
-    return main_rank_first(lambda: prepare_data(cfg, should_stop, tokenizer), "prepare the data", should_stop)
+    return main_rank_first(lambda: prepare_data(cfg, should_stop, tokenizer, tok), "prepare the data", should_stop)

@@ -87,6 +87,12 @@ def external_shards(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     """data=shards: llm.c .bin or build-nanogpt .npy shards used as they are; the *_val_* twins (or
     data.val_path) are the val split, else the last val_fraction of the train tokens."""
     train = expand_shard_paths(str(cfg.path))
+    ours = Path(train[0]).parent / MANIFEST  # shards this project prepared record their tokenizer
+    made_with = json.loads(ours.read_text()).get("tokenizer") if ours.is_file() else None
+    if made_with is not None and made_with != tokenizer.id:
+        raise UserError(f"{Path(train[0]).parent} was prepared with tokenizer {made_with}, but this run uses "
+                        f"{tokenizer.id}; a run (every source of a mixture too) trains with one tokenizer. Use the "
+                        f"tokenizer the shards were made with, or prepare the corpus again with this one.")
     check_vocab(TokenStream(train), tokenizer.n_vocab)
     check_token_ids(train, tokenizer.n_vocab, tokenizer.id, cfg.cache_dir)
     val_pattern = cfg.val_path

