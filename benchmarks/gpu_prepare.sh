@@ -20,8 +20,8 @@ $PY -m pip wheel -q --no-deps -w .gpu/whl $pins
 $PY - "$CACHE" <<'PY'
 import sys
 from pathlib import Path
-from gpt2.sources import shakespeare_files
-from gpt2.tokenizer import fetch_ranks_file
+from gpt2.data.sources import shakespeare_files
+from gpt2.tokenizers.gpt2 import fetch_ranks_file
 print(fetch_ranks_file(sys.argv[1]))
 shakespeare_files(Path(sys.argv[1]))
 PY

@@ -74,7 +74,10 @@ def encode_array(tok: Tokenizer, text: str, dtype: str) -> np.ndarray:
     (encode_to_numpy with no special tokens equals encode_ordinary, without a Python list)."""
     enc = getattr(tok, "encoding", None)
     if hasattr(enc, "encode_to_numpy"):
-        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)  # type: ignore[union-attr]
+        try:
+            return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).astype(dtype)  # type: ignore[union-attr]
+        except UnicodeEncodeError:  # lone surrogates (e.g. "\ud800" escapes in a jsonl corpus): encode replaces them
+            pass
     return np.asarray(tok.encode(text), dtype=dtype)
 
 

@@ -82,6 +82,10 @@ class TokenLoader:
         """Restart from the first batch of epoch 0."""
         self.consumed = 0
 
+    def source_tokens(self) -> dict[str, int]:
+        """Tokens drawn from each source of a mixture (gpt2.data.mixture); a single corpus has none to report."""
+        return {}
+
     def state_dict(self) -> dict[str, int]:
         """Where the next batch starts: windows consumed (global), and for the record the epoch, the position
         in it and the (shard, offset) of the next window's first token."""

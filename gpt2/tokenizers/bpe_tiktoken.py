@@ -17,11 +17,12 @@ exact, and raises `NotExact` naming the first reason otherwise. Exact means:
 - every token of two or more bytes is made by exactly one merge, and the ids of merged tokens rise in
   merge order (tiktoken merges the adjacent pair whose concatenation has the lowest id; ``tokenizers`` the
   pair with the lowest merge rank);
-- ``tokenizers`` encodes each merged token's own bytes to that token. Given the points above, this is
-  what makes the two merge rules agree: tiktoken also merges a pair (X, Y) that is not T's merge when
-  X + Y spells T, and if such a pair were ever adjacent in some text, the same merges would leave
-  T's bytes alone as [X, Y] (a piece's bytes evolve the same with or without neighbours while no merge
-  crosses its ends). The check also covers tiktoken encoding a whole piece that is a token directly.
+- ``tokenizers`` merges each merged token's own bytes back into that token. With the points above, this is
+  what makes the two merge rules agree: tiktoken merges any adjacent pair (X, Y) whose bytes spell a token T,
+  also when T's merge is another pair; were such X and Y ever adjacent in some text, the merges would also
+  leave T's bytes alone as [X, Y] (a piece's bytes evolve the same with or without neighbours while no merge
+  crosses its ends), and the check would fail. It also covers tiktoken taking a piece that is a token as that
+  token without merging.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import json
 from typing import Any
 
 import tiktoken
+
+from gpt2.tokenizers.byte_level import bytes_to_unicode
 
 BYTE_LEVEL_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 """The regex of ``tokenizers``' ByteLevel pre-tokenizer (GPT-2's original pattern), verbatim; tests check that
@@ -45,7 +48,10 @@ def _kind(component: dict[str, Any] | None) -> str:
 
 
 def _check_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
-    """The BPE model of `spec`, a parsed tokenizer.json, after checking everything around it."""
+    """The BPE model of `spec`, a parsed tokenizer.json, after checking it and everything around it."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise NotExact(f"its model is {model.get('type')!r}, not BPE")
     if spec.get("normalizer") is not None:
         raise NotExact(f"it has a normalizer ({_kind(spec['normalizer'])})")
     pre = spec.get("pre_tokenizer")
@@ -59,9 +65,6 @@ def _check_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("truncation", "padding"):
         if spec.get(key) is not None:
             raise NotExact(f"it sets {key} ({_kind(spec[key])})")
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        raise NotExact(f"its model is {model.get('type')!r}, not BPE")
     if model.get("dropout"):
         raise NotExact(f"its BPE has dropout={model['dropout']} (random merges)")
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
@@ -95,7 +98,6 @@ def _check_self_encoding(vocab: dict[str, int], merges: list[tuple[str, str]], m
 def tiktoken_encoding(json_text: str, name: str) -> tiktoken.Encoding:
     """The tiktoken encoding equal to the byte-level BPE in `json_text` (see the module docstring for when
     it is exact); NotExact naming the reason when there is none."""
-    from gpt2.tokenizers.hf_files import bytes_to_unicode  # here: hf_files imports gpt2.tokenizers.bpe
 
     spec = json.loads(json_text)
     model = _check_pipeline(spec)

@@ -14,24 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer
+from gpt2.tokenizers.byte_level import bytes_to_unicode
 from gpt2.tokenizers.factory import AnyTokenizer
 from gpt2.tokenizers.gpt2 import EOT
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 """Every tokenizer file an export may hold (an earlier export's leftovers of another kind are removed)."""
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def _split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
