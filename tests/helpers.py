@@ -25,6 +25,7 @@ from gpt2.config import (
 )
 from gpt2.data.prepared import PreparedData
 from gpt2.model.gpt import GPT
+from gpt2.train.evaluation import ValSplit
 from gpt2.train.metrics import read_metrics
 from gpt2.train.trainer import Trainer
 
@@ -167,6 +168,8 @@ def tiny_trainer(cfg: TrainConfig, output_dir: Path, model=None, loaders=None):
     plan = dataclasses.replace(plan, model=model.cfg)
     if loaders is None:
         loaders = build_data(cfg, plan, ranks, prepared)
+    else:  # (train loader, val loader): the val loader's split is the one scored
+        loaders = (loaders[0], [ValSplit("", 1.0, loaders[1].tokens)])
     return Trainer(cfg, plan, model, build_optimizer(model, cfg.optimizer, "cpu"), *loaders, ranks, output_dir,
                    tokenizer=prepared.tokenizer if prepared else None)
 

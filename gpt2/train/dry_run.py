@@ -6,6 +6,7 @@ micro_batch_size=auto is left to the GPU at start."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -13,6 +14,7 @@ import yaml
 from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.config import TrainConfig
 from gpt2.model.gpt import GPT
+from gpt2.runtime.device import detect_peak_flops
 from gpt2.runtime.distributed import local_ranks
 from gpt2.tokenizers.factory import load_named, planned_vocab
 from gpt2.train.plan import resolve_plan
@@ -32,10 +34,14 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
 
     plan = resolve_plan(cfg, ranks, vocab, resume, choose_micro_batch=None)
     with torch.device("meta"):
-        n_params = GPT(plan.model).num_params()
+        model = GPT(plan.model)
+    n_params = model.num_params()
+    budget = compute_budget(cfg, plan.tokens_per_step, model.flops_per_token(cfg.block_size),
+                            model.num_params(exclude_embeddings=True), ranks.world_size, ranks.device)
     lines = ["# composed config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
              "# run plan (derived)", yaml.safe_dump(to_dict(plan), sort_keys=False).rstrip(),
-             f"# {plan.describe(n_params)}"]
+             "# compute budget", yaml.safe_dump(budget, sort_keys=False).rstrip(),
+             f"# {plan.describe(n_params)}", f"# {budget_line(budget)}"]
     if plan.micro_batch_size is None:
         lines.append("# micro_batch_size: auto (chosen on the GPU at start: the largest that fits and divides "
                      "the batch)")
@@ -48,3 +54,34 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     lines.append(f"# checks passed: {'; '.join(checks)}")
     lines.append("# dry run: nothing was prepared or trained")
     return "\n".join(lines)
+
+
+def compute_budget(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, n_6n: int, world_size: int,
+                   device: torch.device) -> dict[str, Any]:
+    """The run's total tokens and training FLOPs (6N per token for the matmuls, N without the position
+    embedding, plus 12 L H Q T for attention: GPT.flops_per_token), the tokens per GPU, and the time at
+    budget.mfu of the GPU's dense bf16 peak (peak_flops=, else budget.gpu's, else the detected GPU's)."""
+    gpus = cfg.budget.gpus or world_size
+    tokens = tokens_per_step * cfg.max_steps
+    name = cfg.budget.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    peak = cfg.peak_flops or detect_peak_flops(name)
+    flops = flops_per_token * tokens
+    seconds = flops / (gpus * peak * cfg.budget.mfu) if peak else None
+    return {"tokens": tokens, "steps": cfg.max_steps, "tokens_per_step": tokens_per_step,
+            "tokens_per_gpu": tokens // gpus, "tokens_per_gpu_per_step": tokens_per_step // gpus,
+            "flops_per_token": flops_per_token, "flops_6n_per_token": 6 * n_6n, "flops": flops, "gpus": gpus,
+            "gpu": name if peak and not cfg.peak_flops else ("peak_flops" if cfg.peak_flops else name),
+            "peak_flops_per_gpu": peak, "mfu": cfg.budget.mfu, "hours": seconds / 3600 if seconds else None}
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.75 h on 8×H100 at 40% MFU; ..."."""
+    head = f"{b['tokens'] / 1e9:.1f}B tokens" if b["tokens"] >= 1e8 else f"{b['tokens']:,} tokens"
+    head += f", {b['flops']:.3g}".replace("e+", "e") + " FLOPs (6N + attention)"
+    if b["hours"] is not None:
+        where = f"{b['gpus']}×{b['gpu']}" if b["gpu"] != "peak_flops" else f"{b['gpus']} GPU(s) at peak_flops"
+        head += f": ≈ {b['hours']:.2f} h on {where} at {b['mfu']:.0%} MFU"
+    else:
+        head += ": no time estimate (no GPU detected; name one with budget.gpu=H100, or give peak_flops=)"
+    return (f"{head}; {b['steps']:,} steps, {b['tokens_per_gpu_per_step']:,} tokens per GPU per step, "
+            f"{b['tokens_per_gpu']:,} per GPU in all")

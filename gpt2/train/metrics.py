@@ -60,17 +60,28 @@ class RunLogger:
     def log_train(self, step: int, max_steps: int, metrics: dict[str, float], eta_s: float) -> None:
         """One training record with its console line (loss, lr, grad norm, tok/s, MFU, ETA)."""
         mfu = f" mfu {metrics['perf/mfu']:.1%}" if "perf/mfu" in metrics else ""
+        sources = {k.split("/")[1]: v for k, v in metrics.items() if k.startswith("data/") and k.endswith("/tokens")}
+        total = sum(sources.values()) or 1.0
+        mix = " tokens " + " ".join(f"{n} {v / total:.1%}" for n, v in sources.items()) if sources else ""
         self.log(step, metrics, f"step {step}/{max_steps} loss {metrics['train/loss']:.4f} "
                                 f"lr {metrics['train/lr']:.2e} norm {metrics['train/grad_norm']:.2f} "
-                                f"{metrics['perf/tokens_per_s']:,.0f} tok/s{mfu} eta {format_duration(eta_s)}")
+                                f"{metrics['perf/tokens_per_s']:,.0f} tok/s{mfu} eta {format_duration(eta_s)}{mix}")
 
     def log_eval(self, step: int, metrics: dict[str, float], sample: str | None) -> None:
-        """One evaluation record (val loss, HellaSwag when present) with its console line, and the sample."""
+        """One evaluation record (val loss; HellaSwag and lm-eval metrics when present) with its console line,
+        and the sample."""
         line = (f"step {step}: val loss {metrics['val/loss']:.4f} (ppl {metrics['val/perplexity']:.1f}, "
                 f"{int(metrics['val/tokens']):,} tokens)")
+        per_source = [f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items() if k.count("/") == 2
+                      and k.startswith("val/") and k.endswith("/loss")]
+        if per_source:
+            line += " [" + ", ".join(per_source) + "]"
         if "hellaswag/acc_norm" in metrics:
             line += (f" hellaswag acc_norm {metrics['hellaswag/acc_norm']:.4f} acc {metrics['hellaswag/acc']:.4f} "
                      f"({int(metrics['hellaswag/items']):,} items)")
+        lm_eval = [f"{k.removeprefix('lm_eval/')} {v:.4f}" for k, v in metrics.items() if k.startswith("lm_eval/")]
+        if lm_eval:
+            line += " lm_eval " + " ".join(lm_eval)
         self.log(step, metrics, line)
         if sample is not None:
             self.log_text(step, "sample", sample)

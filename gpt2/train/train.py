@@ -27,13 +27,14 @@ from gpt2.runtime.distributed import DistInfo, cleanup, init_distributed, main_r
 from gpt2.runtime.slurm import init_slurm_env
 from gpt2.tokenizers.factory import AnyTokenizer, check_same
 from gpt2.train.autobatch import resolve_micro_batch_size
+from gpt2.train.evaluation import ValSplit
 from gpt2.train.metrics import RunLogger
 from gpt2.train.optim import build_optimizer
 from gpt2.train.plan import RunPlan, resolve_plan
 from gpt2.train.preemption import PreemptionHandler
 from gpt2.train.progress import run_summary
 from gpt2.train.rng import seed_everything
-from gpt2.train.trainer import Trainer, TrainingInterrupted, ValSplit
+from gpt2.train.trainer import Trainer, TrainingInterrupted
 
 log = logging.getLogger("gpt2")
 

@@ -19,13 +19,13 @@ from gpt2.checkpoint.handle import Checkpoint
 from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.config import TrainConfig
 from gpt2.data.loader import TokenLoader
+from gpt2.data.mixture import MixtureLoader
 from gpt2.errors import Interrupted, UserError
 from gpt2.evals import hellaswag
-from gpt2.evals.val_loss import select_windows, val_loss
-from gpt2.generate.sampling import generate
 from gpt2.runtime.device import autocast, detect_peak_flops, grad_scaler
 from gpt2.runtime.distributed import DistInfo, all_reduce_mean, any_rank, unwrap_model
 from gpt2.tokenizers.factory import GPT2_RECORD, AnyTokenizer, describe, files
+from gpt2.train.evaluation import Evaluator, ValSplit
 from gpt2.train.metrics import RunLogger
 from gpt2.train.optim import lr_multiplier, set_lr
 from gpt2.train.plan import RunPlan
@@ -35,6 +35,7 @@ from gpt2.train.rng import RNGState
 from gpt2.utils.serialize import to_dict
 
 log = logging.getLogger("gpt2")
+
 
 class TrainingInterrupted(Interrupted):
     """Training stopped early on purpose (preemption signal); a checkpoint was written.
@@ -58,8 +59,8 @@ class Trainer:
         plan: RunPlan,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        train_loader: TokenLoader,
-        val_loader: TokenLoader,
+        train_loader: TokenLoader | MixtureLoader,
+        val_splits: list[ValSplit],
         ranks: DistInfo,
         output_dir: str | Path,
         tokenizer: AnyTokenizer | None = None,
@@ -75,19 +76,16 @@ class Trainer:
         self.raw_model = unwrap_model(model)
         self.optimizer = optimizer
         self.train_loader = train_loader
-        self.val_loader = val_loader
         self.ranks = ranks
         self.output_dir = Path(output_dir)
         self.tokenizer = tokenizer
         self.preemption = preemption
-        self.hellaswag_items = hellaswag_items  # needed when cfg.eval.hellaswag_interval > 0
         self.micro_batch_size = plan.micro_batch_size
         self.grad_accum = plan.grad_accum
-        # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
-        self.val_windows = select_windows(len(val_loader.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
-                                          max_windows=cfg.eval_iters * self.micro_batch_size)
         self.device = ranks.device
         self.scaler = grad_scaler(self.device, plan.precision)
+        self.evaluator = Evaluator(cfg, model, val_splits, batch_size=self.micro_batch_size, device=self.device,
+                                   autocast=self.autocast, tokenizer=tokenizer, hellaswag_items=hellaswag_items)
         record = {"config": to_dict(cfg), "plan": to_dict(plan),
                   "tokenizer": describe(tokenizer) if tokenizer is not None else dict(GPT2_RECORD)}
         self.checkpoints = CheckpointManager(
@@ -180,37 +178,18 @@ class Trainer:
             norm = norm.full_tensor()
         return float(norm)
 
-    @torch.no_grad()
-    def evaluate(self, with_hellaswag: bool = False) -> dict[str, float]:
-        """Val loss over the fixed windows (gpt2.evals.val_loss, split across ranks), and HellaSwag
-        accuracy when asked. Stops early (incomplete numbers) when a preemption signal arrives."""
-        stop = lambda: any_rank(self._preempted(), self.device)  # noqa: E731  all ranks leave together
-        val = val_loss(self.model, self.val_loader.tokens, self.val_windows, batch_size=self.micro_batch_size,
-                       device=self.device, autocast=self.autocast, should_stop=stop)
-        metrics = {"val/loss": val.loss, "val/perplexity": val.perplexity, "val/tokens": float(val.n_tokens)}
-        if with_hellaswag and self.hellaswag_items and not stop():
-            hs = hellaswag.score(self.raw_model, self.hellaswag_items, batch_size=self.micro_batch_size,
-                                 device=self.device, autocast=self.autocast)
-            metrics.update({"hellaswag/acc": hs.acc, "hellaswag/acc_norm": hs.acc_norm,
-                            "hellaswag/items": float(hs.n_items)})
-        return metrics
+    def _stop(self) -> bool:
+        """A preemption signal reached some rank (all ranks leave an evaluation together)."""
+        return any_rank(self._preempted(), self.device)
 
-    @torch.no_grad()
+    def evaluate(self, with_hellaswag: bool = False, with_lm_eval: bool = False) -> dict[str, float]:
+        """Val loss, and HellaSwag and the lm-eval tasks when asked (gpt2.train.evaluation); stops early
+        (incomplete numbers) when a preemption signal arrives."""
+        return self.evaluator.evaluate(self._stop, with_hellaswag=with_hellaswag, with_lm_eval=with_lm_eval)
+
     def sample(self) -> str | None:
         """Text from the fixed prompt (same seed every time, global RNG untouched)."""
-        if not self.cfg.sample_prompt or self.cfg.sample_tokens == 0 or self.tokenizer is None:
-            return None
-        ids = self.tokenizer.encode(self.cfg.sample_prompt)
-        room = self.raw_model.cfg.n_positions - self.cfg.sample_tokens
-        idx = torch.tensor([ids[-room:]], dtype=torch.long, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        self.raw_model.eval()
-        with self.autocast():
-            out = generate(self.raw_model, idx, self.cfg.sample_tokens, temperature=self.cfg.sample_temperature,
-                           top_k=self.cfg.sample_top_k,
-                           generator=generator)
-        self.raw_model.train()
-        return self.tokenizer.decode(out[0].tolist())
+        return self.evaluator.sample()
 
     # ----------------------------------------------------------------- state
 
@@ -250,10 +229,8 @@ class Trainer:
         return self.preemption is not None and self.preemption.requested
 
     def _run_eval(self) -> dict[str, float]:
-        every = self.cfg.eval.hellaswag_interval
-        final = self.step >= self.cfg.max_steps
-        metrics = self.evaluate(with_hellaswag=every > 0 and (self.step % every == 0 or final))
-        if any_rank(self._preempted(), self.device):  # possibly cut short: never log/return a partial val loss
+        metrics = self.evaluator.run(self.step, self._stop)
+        if self._stop():  # possibly cut short: never log/return a partial val loss
             self._stop_for_preemption()  # after the final step too: the resumed run then evaluates in full
         self.last_val_loss = metrics["val/loss"]
         self.best_val_loss = min(self.best_val_loss, self.last_val_loss)
@@ -261,12 +238,6 @@ class Trainer:
         if self.logger is not None:
             self.logger.log_eval(self.step, metrics, text)
         return metrics
-
-    def _eval_due(self) -> bool:
-        """A periodic evaluation (val loss or HellaSwag) is due after this step (the final one always runs)."""
-        if self.step >= self.cfg.max_steps:
-            return False
-        return any(n > 0 and self.step % n == 0 for n in (self.cfg.eval_interval, self.cfg.eval.hellaswag_interval))
 
     def fit(self) -> float:
         """Train to `max_steps`, evaluating and checkpointing on schedule; returns the final val loss."""
@@ -277,11 +248,11 @@ class Trainer:
                            peak * self.ranks.world_size if peak else None)
         progress = ProgressBar(cfg.max_steps, self.step, enabled=self.logger is not None and cfg.progress_bar)
         self.model.train()
-        if self.step == 0 and (cfg.eval_interval > 0 or cfg.eval.hellaswag_interval > 0):
+        if self.step == 0 and self.evaluator.periodic():
             self._run_eval()  # the baseline every later evaluation is compared against
         with progress:
             while self.step < cfg.max_steps:
-                if any_rank(self._preempted(), self.device):
+                if self._stop():
                     self._stop_for_preemption()
                 t0 = time.perf_counter()
                 metrics = self.train_step()  # ends with .item(): the device is synchronized
@@ -290,10 +261,12 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     perf, seconds_per_step = meter.flush()
                     metrics.update(perf, **{"train/tokens_seen": float(self.tokens_seen)})
+                    metrics.update({f"data/{name}/tokens": float(n)
+                                    for name, n in self.train_loader.source_tokens().items()})
                     if self.logger is not None:
                         self.logger.log_train(self.step, cfg.max_steps, metrics,
                                               eta_s=(cfg.max_steps - self.step) * seconds_per_step)
-                if self._eval_due():
+                if self.evaluator.due(self.step):
                     self._run_eval()
                 self.checkpoints.save(self.step)  # when checkpoint.interval says so
         final = self._run_eval()

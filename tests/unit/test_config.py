@@ -30,6 +30,8 @@ def test_every_group_option_composes_and_validates(group: str) -> None:
         overrides = [f"{group}={option}"]
         if group == "data" and option in ("text", "hf", "shards"):
             overrides.append("data.path=corpus.txt")
+        if group == "data" and option == "mix":
+            overrides.append("+data.sources={books:{name:shakespeare},code:{name:text,path:src}}")
         cfg = compose_train(overrides)
         assert isinstance(cfg, C.TrainConfig)
         C.validate(cfg)
@@ -134,7 +136,8 @@ def test_each_default_lives_in_the_dataclass_and_each_yaml_comment_is_its_docstr
             stack.append((indent, None))  # defaults list, hydra settings: not schema keys
             continue
         value_text, _, comment = rest.partition("  # ")
-        assert not comment or comment.strip() == docs[(owner.__name__, key)], (
+        doc = next(docs[(base.__name__, key)] for base in owner.__mro__ if (base.__name__, key) in docs)
+        assert not comment or comment.strip() == doc, (
             f"{path.name}: the comment on {key} is not {owner.__name__}.{key}'s docstring")
         hints = typing.get_type_hints(owner, vars(C))
         nested = next((t for t in typing.get_args(hints[key]) or (hints[key],) if dataclasses.is_dataclass(t)), None)

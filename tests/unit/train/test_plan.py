@@ -119,3 +119,28 @@ def test_the_flagship_dry_run_exits_0_from_the_command_line(tmp_path: Path) -> N
                           env=subprocess_env(HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "micro_batch_size: null" in proc.stdout and "auto (chosen on the GPU at start)" in proc.stdout
+
+
+def test_the_dry_run_prints_the_compute_budget_of_the_flagship_recipe(tmp_path: Path) -> None:
+    """Total tokens, FLOPs as 6N per token (N: parameters without the position embedding) plus attention's
+    12 L H Q T, tokens per GPU, and the time on the recipe's 8 H100s at 40% MFU."""
+    import torch
+    import yaml
+
+    from gpt2.model.gpt import GPT
+    from gpt2.model.presets import model_preset
+    from gpt2.train.dry_run import dry_run
+
+    text = dry_run(compose_train(["experiment=gpt2_124m_fineweb"]), tmp_path)
+    budget = yaml.safe_load(text.split("# compute budget\n")[1].split("\n# ")[0])
+    with torch.device("meta"):
+        model = GPT(model_preset("gpt2"))
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    tokens = 524_288 * 19_073
+    assert budget["tokens"] == tokens and budget["tokens_per_gpu"] == tokens // 8
+    assert budget["flops_6n_per_token"] == 6 * n
+    attention = 12 * 12 * 12 * 64 * 1024  # 12 L H Q T at T = 1024
+    assert budget["flops"] == pytest.approx((6 * n + attention) * tokens, rel=1e-12)
+    assert budget["flops"] / (6 * n * tokens) == pytest.approx(1.1526, abs=1e-4)  # attention adds 15% at T=1024
+    assert budget["hours"] == pytest.approx(budget["flops"] / (8 * 989e12 * 0.4) / 3600)
+    assert "# 10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.75 h on 8×H100 at 40% MFU" in text
