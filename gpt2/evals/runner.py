@@ -1,5 +1,7 @@
 """The body of run_eval.py: load a checkpoint or pretrained model, run the asked tasks (split over the ranks
-when launched with torchrun), print a table and optionally write the results as JSON."""
+when launched with torchrun), print a table and optionally write the results as JSON. `lm_eval:NAME` tasks
+run together through lm-evaluation-harness (gpt2.evals.lm_eval_tasks, imported only when asked for), after ours;
+their datasets are loaded before the model, so that a task that cannot be fetched fails at once."""
 
 from __future__ import annotations
 
@@ -110,6 +112,11 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
         def autocast() -> contextlib.AbstractContextManager:
             return autocast_for(ranks.device, precision)
 
+        lm_loaded = None  # the lm_eval:NAME tasks, loaded before the model: a dataset that cannot be fetched fails now
+        if cfg.lm_eval_tasks:
+            from gpt2.evals import lm_eval, lm_eval_tasks
+
+            lm_loaded = lm_eval_tasks.load_tasks(cfg.lm_eval_tasks, cfg.lm_eval, key="lm_eval")
         model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path,
                                                     None if cfg.checkpoint else cfg.cache_dir)
         model = model.to(ranks.device).eval()
@@ -119,14 +126,22 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
             t0 = time.perf_counter()
             if task == "val_loss":
                 res = run_val_loss(cfg, ckpt, model, ranks.device, autocast)
-            else:
+            elif task == "hellaswag":
                 res = run_hellaswag(cfg, cache_dir, tokenizer, model, ranks.device, autocast)
+            else:
+                continue
             res["seconds"] = time.perf_counter() - t0
             results[task] = res
         payload = {"model": cfg.checkpoint or cfg.pretrained, "device": str(ranks.device), "precision": precision,
                    "world_size": ranks.world_size, "results": results}
+        if lm_loaded is not None:
+            lm = lm_eval.GPTLM(model, tokenizer, batch_size=cfg.batch_size, device=ranks.device, autocast=autocast)
+            payload["lm_eval"] = lm_eval_tasks.evaluate(lm, lm_loaded, cfg.lm_eval, cfg.limit)
         if ranks.is_main:
-            out.write(format_table(results) + "\n")
+            if results:
+                out.write(format_table(results) + "\n")
+            if lm_loaded is not None:
+                out.write(lm_eval_tasks.table(payload["lm_eval"]) + "\n")
             out.flush()
             if output_file is not None:
                 try:
