@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2.cli import fail
 from gpt2.errors import UserError
 
 
@@ -22,8 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     print(f"wrote {out / 'config.json'}, {out / 'model.safetensors'} and the tokenizer files")
     return 0
 

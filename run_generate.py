@@ -7,33 +7,25 @@ A thin Hydra entry point: it converts the composed config to a typed `GenerateCo
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from gpt2.cli import check_command_line, fail, register_configs
+from gpt2.cli import check_command_line, register_configs, reported_errors, run_main
 from gpt2.config import GenerateConfig
-from gpt2.errors import UserError
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(dcfg: DictConfig) -> None:
-    try:
+    with reported_errors():
         cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         cfg.check()  # before importing torch: a config mistake is reported at once
         from gpt2.generate.samples import generate_samples
 
         generate_samples(cfg)
-    except (UserError, ValueError, OmegaConfBaseException) as err:
-        fail(str(err))
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 if __name__ == "__main__":
     check_command_line(GenerateConfig)
-    main()
+    run_main(main)

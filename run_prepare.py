@@ -11,31 +11,23 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
-from gpt2.cli import check_command_line, fail, register_configs
+from gpt2.cli import CONF_DIR, check_command_line, fail, register_configs, reported_errors
 from gpt2.errors import UserError
-
-CONF = Path(__file__).resolve().parent / "conf"
 
 
 def main(overrides: list[str]) -> None:
     register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="prepare"):
+    with reported_errors():
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="prepare"):
             dcfg = compose(config_name="train", overrides=overrides)
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         cfg.data.check()
         cfg.tokenizer.check()
-    except MissingMandatoryValue as err:
-        fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
-    except (UserError, ValueError, OmegaConfBaseException) as err:
-        fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from gpt2.data.mixture import prepare_mixture
     from gpt2.data.prepare import prepare_data
@@ -53,6 +45,7 @@ def main(overrides: list[str]) -> None:
     for name, prepared in parts:
         print(f"prepared {name}{prepared.folder}: {prepared.n_train_tokens:,} train + {prepared.n_val_tokens:,} val "
               f"tokens in {len(prepared.train.paths)} train shard(s)")
+
 
 if __name__ == "__main__":
     check_command_line(C.TrainConfig)

@@ -14,10 +14,17 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
-from gpt2.cli import check_command_line, fail, quiet_non_zero_ranks, register_configs, remove_unused_run_dir, run_main
+from gpt2.cli import (
+    check_command_line,
+    fail,
+    quiet_non_zero_ranks,
+    register_configs,
+    remove_unused_run_dir,
+    reported_errors,
+    run_main,
+)
 from gpt2.errors import UserError
 from gpt2.runtime.ranks import is_main, rank_and_world
 
@@ -34,13 +41,9 @@ def main(dcfg: DictConfig) -> float:
 
 
 def _main(dcfg: DictConfig) -> float:
-    try:
+    with reported_errors():
         cfg: C.TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         C.validate(cfg, world_size=rank_and_world()[1])
-    except MissingMandatoryValue as err:
-        fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
-    except (UserError, ValueError, OmegaConfBaseException) as err:
-        fail(str(err))
     output_dir = HydraConfig.get().runtime.output_dir
     if cfg.dry_run:
         from gpt2.train.dry_run import dry_run

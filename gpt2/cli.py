@@ -8,6 +8,7 @@ This module and the run_*.py files are the only ones that import Hydra.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import difflib
 import logging
@@ -15,7 +16,7 @@ import os
 import secrets
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +27,7 @@ from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
 from gpt2.errors import ConfigError, UserError
@@ -109,6 +111,20 @@ def fail(message: str) -> NoReturn:
         raise SweepJobFailed(f"error: job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def reported_errors() -> Iterator[None]:
+    """Inside: a user mistake (UserError, ValueError, an OmegaConf error, a value left unset) becomes one
+    `error:` line and exit 2 (`fail`), and Ctrl-C exits 130 without a traceback."""
+    try:
+        yield
+    except MissingMandatoryValue as err:
+        fail(f"{err.full_key} has no value; set it on the command line, e.g. {err.full_key}=...")
+    except (UserError, ValueError, OmegaConfBaseException) as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def run_main(main: Callable[[], object]) -> NoReturn:

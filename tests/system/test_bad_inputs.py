@@ -244,9 +244,10 @@ def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_
     from run_export import main
 
     before = snapshot(run_dir)
-    code = main([str(run_dir), str(run_dir / target)])  # the CLI's own function, in-process (fast)
+    with pytest.raises(SystemExit) as stop:  # the CLI's own function, in-process (fast)
+        main([str(run_dir), str(run_dir / target)])
     captured = capsys.readouterr()
-    one_error(code, captured.out + captured.err, needle)
+    one_error(stop.value.code, captured.out + captured.err, needle)
     assert snapshot(run_dir) == before
     from gpt2.checkpoint.handle import Checkpoint
 
