@@ -335,3 +335,37 @@ except ConfigError as err:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == ("tasks names lm-eval tasks, but the lm-eval package is not installed; install it "
                                    "with pip install -e '.[eval]' (or pip install 'lm_eval>=0.4.13').")
+
+
+@pytest.mark.slow
+def test_our_bpe_scores_as_the_hf_backend_scores_its_export(exported: dict, bpe_cache: Path, tmp_path: Path) -> None:
+    """A run trained with tokenizer=bpe: GPTLM on the checkpoint (our BPE) and HFLM on its export (the BPE's
+    tokenizer.json through transformers) see the same tokens and give the same log-likelihoods."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from gpt2.checkpoint.export import export_checkpoint
+    from gpt2.checkpoint.handle import load_for_inference
+    from gpt2.train.train import train
+    from tests.helpers import bpe_overrides, compose_train
+
+    run = tmp_path / "run"
+    train(compose_train(bpe_overrides(bpe_cache, "max_steps=2", "sample_tokens=0")), run)
+    export_checkpoint(run, tmp_path / "hf")
+    cfg = LMEvalConfig(include_path=str(exported["tasks"]), args={"log_samples": True, "bootstrap_iters": 0})
+    model, tok, _ = load_for_inference(str(run), None, None)
+    assert tok.eot_token != 50256  # our BPE, not GPT-2's vocabulary
+    tasks = ["tiny_mc", "tiny_ppl"]
+    mine = lm_eval_tasks.evaluate(GPTLM(model.eval(), tok, batch_size=5, device=CPU),
+                                  lm_eval_tasks.load_tasks(tasks, cfg, key="lm_eval"), cfg, limit=0)
+    hf = HFLM(pretrained=str(tmp_path / "hf"), device="cpu", dtype="float32", batch_size=5)
+    ref = lm_eval.simple_evaluate(model=hf, tasks=tasks, log_samples=True, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(exported["tasks"]), include_defaults=False))
+    for task in tasks:
+        a, b = by_doc(mine["samples"][task]), by_doc(ref["samples"][task])
+        ll = [np.array([float(r[0][0]) if isinstance(r[0], (list, tuple)) else float(r[0]) for s in side
+                        for r in s["resps"]], dtype=np.float64) for side in (a, b)]
+        assert len(ll[0]) == len(ll[1]) >= 8
+        np.testing.assert_allclose(ll[0], ll[1], rtol=1e-5, atol=1e-5)
+    mc_ours, mc_hf = mine["results"]["tiny_mc"], ref["results"]["tiny_mc"]
+    assert (mc_ours["acc,none"], mc_ours["acc_norm,none"]) == (mc_hf["acc,none"], mc_hf["acc_norm,none"])
