@@ -86,13 +86,18 @@ class Evaluator:
             return False
         return any(n > 0 and step % n == 0 for n in self.intervals())
 
-    def run(self, step: int, stop: Callable[[], bool]) -> dict[str, float]:
-        """The evaluation at `step`: the val loss always, HellaSwag and the lm-eval tasks when their cadence
-        (or the final step) says so."""
+    def extras(self, step: int) -> tuple[bool, bool]:
+        """(HellaSwag, lm-eval tasks): which join the val loss at the evaluation after `step`. HellaSwag runs on
+        its cadence and at the end when it has one; the lm-eval tasks on theirs and always at the end."""
         every, lm_every = self.cfg.eval.hellaswag_interval, self.cfg.eval.lm_eval_interval
         final = step >= self.cfg.max_steps
-        return self.evaluate(stop, with_hellaswag=every > 0 and (step % every == 0 or final),
-                             with_lm_eval=final or (lm_every > 0 and step % lm_every == 0))
+        return (every > 0 and (step % every == 0 or final),
+                self.lm_eval_tasks is not None and (final or (lm_every > 0 and step % lm_every == 0)))
+
+    def run(self, step: int, stop: Callable[[], bool]) -> dict[str, float]:
+        """The evaluation after `step`: the val loss, and what `extras` says."""
+        with_hellaswag, with_lm_eval = self.extras(step)
+        return self.evaluate(stop, with_hellaswag=with_hellaswag, with_lm_eval=with_lm_eval)
 
     # -------------------------------------------------------------- scoring
 
