@@ -14,7 +14,7 @@ from gpt2.data.mixture import BLOCK, MixtureLoader, block_quotas
 from gpt2.data.shards import TokenStream, write_shard
 from gpt2.errors import ConfigError, UserError
 from gpt2.train.metrics import read_metrics
-from tests.helpers import compose_train
+from tests.helpers import BPE, compose_train
 
 
 @pytest.fixture
@@ -128,12 +128,13 @@ def test_a_shards_source_prepared_with_another_tokenizer_is_refused(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_two_source_mixture_trains_logs_each_source_and_resumes_bit_exactly(
-        tmp_path: Path, base_overrides: list[str], small_corpus_dir: Path) -> None:
+        tmp_path: Path, bpe_cache: Path, small_corpus_dir: Path) -> None:
+    """On a BPE trained on both sources (4K ids: a step costs a tenth of one with GPT-2's vocabulary)."""
     from gpt2.train.train import train
 
-    cache = next(o for o in base_overrides if o.startswith("data.cache_dir="))
-    ranks = next(o for o in base_overrides if o.startswith("data.tokenizer_path="))
-    args = ["debug=cpu", "data=mix", cache, ranks, f"+data.sources={{books:{{name:shakespeare,weight:0.7}},"
+    args = ["debug=cpu", "data=mix", f"data.cache_dir={bpe_cache}", "tokenizer=bpe",
+            f"tokenizer.vocab_size={BPE.vocab_size}", f"tokenizer.train_max_bytes={BPE.train_max_bytes}",
+            f"+data.sources={{books:{{name:shakespeare,weight:0.7}},"
             f"docs:{{name:text,path:'{small_corpus_dir}',weight:0.3}}}}", "total_batch_tokens=1024",
             "micro_batch_size=8", "block_size=32", "max_steps=40", "eval_interval=20", "eval_iters=2",
             "sample_tokens=0", "log_interval=10", "checkpoint.interval=20", "scheduler.warmup_steps=2"]
