@@ -247,10 +247,17 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
     except Exception:  # an interpolation only Hydra's job can resolve: leave it to Hydra
         return
     first_new = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+    # Every rank of a torchrun launch prepares the same folder at once: it is created first, so that the
+    # test write below creates (and removes) nothing that another rank is writing into.
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # check_writable names the reason
     try:
         check_writable(key, path, is_dir=True, fix=f"choose a writable folder, e.g. {key}=outputs/my-run")
-        path.mkdir(parents=True, exist_ok=True)
     except UserError as err:
+        if first_new is not None and first_new.is_dir() and ranks.is_main():
+            remove_tree(first_new)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     for name in RUN_FILES:  # Hydra itself would follow a planted train.log or .hydra link
