@@ -103,8 +103,10 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Run cfg.tasks on the model named by cfg; every rank returns the same results, rank 0 prints."""
     cfg.check()
-    output_file = check_writable("output_file", cfg.output_file) if cfg.output_file else None  # before loading
-    world_size = rank_and_world()[1]
+    rank, world_size = rank_and_world()
+    # Rank 0 alone writes output_file, so it alone checks it (before loading): a check creates and removes
+    # the folder, which would pull it from under another rank's check.
+    output_file = check_writable("output_file", cfg.output_file) if cfg.output_file and rank == 0 else None
     ranks = init_distributed(DistributedConfig(name="ddp" if world_size > 1 else "none"), cfg.device)
     try:
         precision = resolve_precision(cfg.dtype, ranks.device)

@@ -102,15 +102,13 @@ def _first_missing(path: Path) -> Path | None:
     return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
 
 
-_CHECK_ATTEMPTS = 16
-"""How often check_writable retries a test write whose folder vanished (removed by a concurrent check)."""
-
-
 def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = False,
                    fix: str = "give a path in a writable folder") -> Path:
     """Check, before any slow work, that `key=value` can be written, by doing it: create the folder that
     will hold the output (an output file's folder, or the output folder itself) and a temporary file in
     it, then remove both again. Root passes every permission test, so nothing is asked of os.access.
+    One process checks a path (the one that writes it): checks of one new folder from several processes
+    at once would remove it from under each other.
     UserError naming the path, the reason and `fix` otherwise; returns the absolute path."""
     path = Path(value).expanduser().absolute()
     if not is_dir and path.is_dir():
@@ -123,15 +121,9 @@ def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = Fa
         raise UserError(f"{key}={value} cannot be written: {existing} is not a directory; {fix}.")
     created = _first_missing(folder)
     try:
-        for attempt in range(_CHECK_ATTEMPTS):  # every rank checks the same path at once: another rank's
-            try:                                # cleanup may remove the folder between mkdir and the write
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryFile(dir=folder):
-                    pass
-                break
-            except FileNotFoundError:
-                if attempt == _CHECK_ATTEMPTS - 1 or not existing.is_dir():
-                    raise
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as err:
         raise UserError(f"{key}={value} cannot be written: {err.strerror or err} ({err.filename or folder}); "
                         f"{fix}.") from None
