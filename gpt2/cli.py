@@ -32,7 +32,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from gpt2 import config as C
 from gpt2.errors import ConfigError, UserError
 from gpt2.runtime import ranks
-from gpt2.utils.fs import RUN_FILES, check_writable, remove_tree, symlink_refusal
+from gpt2.utils.fs import RUN_FILES, check_writable, first_missing, remove_tree, symlink_refusal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 HYDRA_FILES = {".hydra", "train.log", "generate.log", "eval.log"}
@@ -246,7 +246,7 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
         path = Path(str(OmegaConf.select(config, key))).expanduser().absolute()
     except Exception:  # an interpolation only Hydra's job can resolve: leave it to Hydra
         return
-    first_new = next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+    first_new = first_missing(path)
     # Every rank of a torchrun launch prepares the same folder at once: it is created first, so that the
     # test write below creates (and removes) nothing that another rank is writing into.
     try:

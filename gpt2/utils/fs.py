@@ -97,7 +97,7 @@ def remove_tree(path: str | os.PathLike[str]) -> None:
 # ------------------------------------------------------------------ checking by doing
 
 
-def _first_missing(path: Path) -> Path | None:
+def first_missing(path: Path) -> Path | None:
     """The outermost folder of `path` (or path itself) that does not exist yet."""
     return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
 
@@ -119,7 +119,7 @@ def check_writable(key: str, value: str | os.PathLike[str], *, is_dir: bool = Fa
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{key}={value} cannot be written: {existing} is not a directory; {fix}.")
-    created = _first_missing(folder)
+    created = first_missing(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
