@@ -293,13 +293,14 @@ class DataConfig(SourceConfig):
         order; a single corpus is one part named "" of weight 1."""
         if self.name != MIX:
             return [("", 1.0, self)]
-        shared = {k: getattr(self, k) for k in ("shard_tokens", "cache_dir", "val_fraction", "num_proc",
-                                                   "tokenizer_path")}
+        own_fields = SourceConfig.__dataclass_fields__
+        shared = {k: getattr(self, k) for k in DataConfig.__dataclass_fields__  # how the run prepares every source
+                  if k not in own_fields and k != "sources"}
         total = sum(src.weight for src in self.sources.values())
         out = []
         for name in sorted(self.sources):
             src = self.sources[name]
-            own = {f: getattr(src, f) for f in SourceConfig.__dataclass_fields__}
+            own = {f: getattr(src, f) for f in own_fields}
             out.append((name, src.weight / total, DataConfig(**own, **shared)))
         return out
 
