@@ -70,7 +70,7 @@ def compute_budget(cfg: TrainConfig, tokens_per_step: int, flops_per_token: floa
     return {"tokens": tokens, "steps": cfg.max_steps, "tokens_per_step": tokens_per_step,
             "tokens_per_gpu": tokens // gpus, "tokens_per_gpu_per_step": tokens_per_step // gpus,
             "flops_per_token": flops_per_token, "flops_6n_per_token": 6 * n_6n, "flops": flops, "gpus": gpus,
-            "gpu": name if peak and not cfg.peak_flops else ("peak_flops" if cfg.peak_flops else name),
+            "gpu": "peak_flops" if cfg.peak_flops else name,
             "peak_flops_per_gpu": peak, "mfu": cfg.budget.mfu, "hours": seconds / 3600 if seconds else None}
 
 
