@@ -222,12 +222,13 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
 
 
 TINY_RUN = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_size=32", "eval_interval=3",
-                 "eval_iters=2", "sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
-                 "log_interval=1"]
+            "eval_iters=2", "sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
+            "log_interval=1"]
 
 
 def save_toy(root: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer, config: dict | None = None,
-         **kw) -> Path:
+             **kw) -> Path:
+    """`save_toy_checkpoint` with a trainer step, a rank position and a config record filled in."""
     args = dict(trainer_state={"step": step}, rank_state={"pos": step}, record={"config": config or {"seed": 1}})
     args.update(kw)
     return save_toy_checkpoint(root, step, model, opt, **args)
