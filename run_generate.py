@@ -2,7 +2,7 @@
 `python run_generate.py pretrained=gpt2` (see conf/generate.yaml for every option).
 
 A thin Hydra entry point: it converts the composed config to a typed `GenerateConfig` and calls
-`gpt2.generate.samples.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
+`gpt2.generate.command.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(dcfg: DictConfig) -> None:
     with reported_errors():
         cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
         cfg.check()  # before importing torch: a config mistake is reported at once
-        from gpt2.generate.samples import generate_samples
+        from gpt2.generate.command import generate_samples
 
         generate_samples(cfg)
 

@@ -30,7 +30,7 @@ def main(overrides: list[str]) -> None:
         cfg.tokenizer.check()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     from gpt2.data.mixture import prepare_mixture
-    from gpt2.data.prepare import prepare_data
+    from gpt2.data.preprocess import prepare_data
 
     try:
         if cfg.data.name == C.MIX:

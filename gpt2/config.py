@@ -427,7 +427,7 @@ class HellaSwagConfig:
 
 @dataclass
 class LMEvalConfig:
-    """How lm-evaluation-harness tasks run (gpt2/evals/lm_eval.py)."""
+    """How lm-evaluation-harness tasks run (gpt2/evals/lm_eval_model.py)."""
 
     num_fewshot: int | None = None
     """Few-shot examples in each prompt; null = each task's own default (0 when it sets none)."""

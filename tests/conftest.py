@@ -23,7 +23,7 @@ import torch
 from gpt2.config import (
     DataConfig,
 )
-from gpt2.data.prepare import run_tokenizer
+from gpt2.data.preprocess import run_tokenizer
 from gpt2.data.sources import shakespeare_files
 from gpt2.errors import UserError
 from gpt2.tokenizers.bpe import HFTokenizer

@@ -23,7 +23,7 @@ from gpt2.config import (
     TokenizerConfig,
     TrainConfig,
 )
-from gpt2.data.prepared import PreparedData
+from gpt2.data.corpus import PreparedData
 from gpt2.model.gpt import GPT
 from gpt2.train.evaluation import ValSplit
 from gpt2.train.metrics import read_metrics
@@ -147,16 +147,16 @@ def cpu_ranks():
 
 
 def tiny_trainer(cfg: TrainConfig, output_dir: Path, model=None, loaders=None):
-    """A Trainer on one CPU rank built as gpt2.train.train.train builds it: the corpus prepared, the run plan
+    """A Trainer on one CPU rank built as gpt2.train.launch.train builds it: the corpus prepared, the run plan
     resolved, the optimizer built; `model` (else a fresh GPT of the plan, seeded) and `loaders` may be given."""
     import dataclasses
 
     import torch
 
     from gpt2.model.gpt import GPT
+    from gpt2.train.launch import build_data, prepare
     from gpt2.train.optim import build_optimizer
     from gpt2.train.plan import resolve_plan
-    from gpt2.train.train import build_data, prepare
 
     ranks = cpu_ranks()
     prepared = prepare(cfg) if loaders is None else None

@@ -40,7 +40,7 @@ from gpt2.checkpoint.store import delete_checkpoint
 from gpt2.errors import UserError
 from gpt2.model.gpt import check_state_shapes
 from gpt2.runtime.distributed import all_ranks, unwrap_model
-from gpt2.runtime.ranks import rank_and_world
+from gpt2.runtime.world import rank_and_world
 from gpt2.utils.fs import atomic_write, fsync_path, rename_durably
 
 

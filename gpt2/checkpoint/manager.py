@@ -20,7 +20,7 @@ from gpt2.checkpoint.handle import Checkpoint
 from gpt2.checkpoint.io import CheckpointContent, load_checkpoint, write_checkpoint
 from gpt2.checkpoint.store import apply_retention, find_latest_with_meta, remove_leftovers, step_dirs
 from gpt2.config import CheckpointConfig
-from gpt2.runtime.ranks import rank_and_world
+from gpt2.runtime.world import rank_and_world
 
 log = logging.getLogger("gpt2")
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from gpt2.config import DataConfig, TokenizerConfig
+from gpt2.data.corpus import PreparedData
 from gpt2.data.loader import TokenLoader
-from gpt2.data.prepare import prepare_on_ranks, run_tokenizer
-from gpt2.data.prepared import PreparedData
+from gpt2.data.preprocess import prepare_on_ranks, run_tokenizer
 from gpt2.data.shards import TokenStream
 from gpt2.errors import UserError
 from gpt2.runtime.distributed import main_rank_first
@@ -55,7 +55,7 @@ def prepare_mixture(cfg: DataConfig, tokenizer: TokenizerConfig | None = None,
                     should_stop: Callable[[], bool] | None = None) -> PreparedMixture:
     """Each source of data=mix prepared (rank 0 first) into its own cache folder, all with one tokenizer: the
     GPT-2 encoding, a tokenizer.json, or our BPE trained once on the documents of all the sources. A shards
-    source prepared with another tokenizer is refused (gpt2.data.prepared.external_shards)."""
+    source prepared with another tokenizer is refused (gpt2.data.corpus.external_shards)."""
     tcfg = tokenizer or TokenizerConfig()
     tok = main_rank_first(lambda: run_tokenizer(tcfg, cfg), "prepare the tokenizer", should_stop)
     parts = []

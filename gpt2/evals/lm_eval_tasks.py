@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks, loaded once and run on a `GPTLM` (gpt2.evals.lm_eval) as often as needed.
+"""lm-evaluation-harness tasks, loaded once and run on a `GPTLM` (gpt2.evals.lm_eval_model) as often as needed.
 
 `load_tasks` resolves task, group or tag names once, rank 0 first (it downloads the datasets into the Hugging
 Face cache, the other ranks then read it), and turns an unknown name or a dataset that cannot be fetched into
@@ -35,7 +35,7 @@ from lm_eval.utils import handle_non_serializable, make_table
 
 from gpt2.config import LMEvalConfig
 from gpt2.errors import UserError
-from gpt2.evals.lm_eval import GPTLM
+from gpt2.evals.lm_eval_model import GPTLM
 from gpt2.runtime.distributed import main_rank_first
 
 OWN_ARGS = ("model", "model_args", "tasks", "num_fewshot", "limit", "batch_size", "max_batch_size", "device",

@@ -15,14 +15,14 @@ import torch
 
 from gpt2.checkpoint.handle import Checkpoint, load_for_inference
 from gpt2.config import DataConfig, DistributedConfig, EvalRunConfig, TokenizerConfig, TrainConfig
-from gpt2.data.prepare import prepare_on_ranks
+from gpt2.data.preprocess import prepare_on_ranks
 from gpt2.errors import UserError
 from gpt2.evals import hellaswag
 from gpt2.evals.val_loss import ValWindows, select_windows, val_loss
 from gpt2.runtime.device import autocast as autocast_for
 from gpt2.runtime.device import resolve_precision
 from gpt2.runtime.distributed import cleanup, init_distributed, main_rank_first
-from gpt2.runtime.ranks import rank_and_world
+from gpt2.runtime.world import rank_and_world
 from gpt2.tokenizers.factory import AnyTokenizer
 from gpt2.utils.fs import atomic_write, check_writable
 
@@ -116,7 +116,7 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
 
         lm_loaded = None  # the lm_eval:NAME tasks, loaded before the model: a dataset that cannot be fetched fails now
         if cfg.lm_eval_tasks:
-            from gpt2.evals import lm_eval, lm_eval_tasks
+            from gpt2.evals import lm_eval_model, lm_eval_tasks
 
             lm_loaded = lm_eval_tasks.load_tasks(cfg.lm_eval_tasks, cfg.lm_eval, key="lm_eval")
         model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path,
@@ -137,7 +137,8 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
         payload = {"model": cfg.checkpoint or cfg.pretrained, "device": str(ranks.device), "precision": precision,
                    "world_size": ranks.world_size, "results": results}
         if lm_loaded is not None:
-            lm = lm_eval.GPTLM(model, tokenizer, batch_size=cfg.batch_size, device=ranks.device, autocast=autocast)
+            lm = lm_eval_model.GPTLM(model, tokenizer, batch_size=cfg.batch_size, device=ranks.device,
+                                     autocast=autocast)
             payload["lm_eval"] = lm_eval_tasks.evaluate(lm, lm_loaded, cfg.lm_eval, cfg.limit)
         if ranks.is_main:
             if results:

@@ -22,7 +22,7 @@ from torch import nn
 
 from gpt2.errors import UserError
 from gpt2.evals.batching import gather_rows, per_row_loss, rank_batches
-from gpt2.runtime.ranks import rank_and_world
+from gpt2.runtime.world import rank_and_world
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Sampling: `generate` (KV-cached decoding with temperature, top-k and top-p) and `sample_next`.
-gpt2.generate.samples is the body of run_generate.py."""
+gpt2.generate.command is the body of run_generate.py."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from gpt2.config import DistributedConfig
 from gpt2.errors import ConfigError, Interrupted, UserError
-from gpt2.runtime import ranks as launch
+from gpt2.runtime import world as launch
 from gpt2.runtime.device import resolve_device
 
 log = logging.getLogger("gpt2")

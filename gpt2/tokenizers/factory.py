@@ -3,7 +3,7 @@ checkpoints record about a tokenizer.
 
 ``tokenizer=gpt2`` is tiktoken's GPT-2 encoding (gpt2.tokenizers.gpt2) and ``tokenizer=file`` a
 tokenizer.json; ``tokenizer=bpe`` is our byte-level BPE trained on the run's corpus (gpt2.tokenizers.bpe),
-which the data layer builds because only it knows the corpus (gpt2.data.prepare.run_tokenizer).
+which the data layer builds because only it knows the corpus (gpt2.data.preprocess.run_tokenizer).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def load_named(cfg: TokenizerConfig, ranks_path: str | None, cache_dir: str) -> 
         return get_tokenizer(cfg.path or ranks_path, cache_dir=cache_dir)
     if cfg.name == "file":
         return HFTokenizer.from_file(str(cfg.path))
-    raise UserError("tokenizer=bpe is trained on the run's corpus; build it through gpt2.data.prepare.run_tokenizer.")
+    raise UserError("tokenizer=bpe is trained on the run's corpus; build it through "
+                    "gpt2.data.preprocess.run_tokenizer.")
 
 
 def planned_vocab(cfg: TokenizerConfig) -> int | None:

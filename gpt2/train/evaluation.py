@@ -114,9 +114,9 @@ class Evaluator:
             metrics.update({"hellaswag/acc": hs.acc, "hellaswag/acc_norm": hs.acc_norm,
                             "hellaswag/items": float(hs.n_items)})
         if with_lm_eval and self.lm_eval_tasks is not None and not stop():
-            from gpt2.evals import lm_eval, lm_eval_tasks
+            from gpt2.evals import lm_eval_model, lm_eval_tasks
 
-            lm = lm_eval.GPTLM(self.raw_model, self.tokenizer, batch_size=self.batch_size, device=self.device,
+            lm = lm_eval_model.GPTLM(self.raw_model, self.tokenizer, batch_size=self.batch_size, device=self.device,
                                autocast=self.autocast)
             results = lm_eval_tasks.evaluate(lm, self.lm_eval_tasks, self.cfg.eval.lm_eval, self.cfg.eval.lm_eval_limit)
             metrics.update(lm_eval_tasks.metrics(results))

@@ -1,5 +1,5 @@
 """The training loop: a Trainer made of named steps (train_step, forward_backward_step, evaluate,
-state_dict/load_state_dict, fit). Model, data, optimizer and the run plan come in ready-made; gpt2.train.train
+state_dict/load_state_dict, fit). Model, data, optimizer and the run plan come in ready-made; gpt2.train.launch
 builds them from a validated `TrainConfig`. Its `CheckpointManager` saves and restores the trainer's state
 (global: step, data position, scaler, ...) and each rank's RNG streams."""
 

@@ -24,7 +24,7 @@ from gpt2.config import (
     TrainConfig,
 )
 from gpt2.errors import UserError
-from gpt2.generate.samples import generate_samples
+from gpt2.generate.command import generate_samples
 from gpt2.model.gpt import GPT
 from tests.helpers import (
     REPO,

@@ -20,8 +20,8 @@ from torch import nn
 from gpt2.checkpoint.format import read_meta
 from gpt2.checkpoint.store import find_latest
 from gpt2.config import DataConfig
-from gpt2.data.prepare import prepare_data
-from gpt2.data.prepared import load_prepared
+from gpt2.data.corpus import load_prepared
+from gpt2.data.preprocess import prepare_data
 from tests.helpers import REPO, WORKERS, load_toy_checkpoint, run_train_cli, subprocess_env
 from tests.workers.tiny_lm import make
 
@@ -105,14 +105,14 @@ KILLER = """
 import logging, sys, time
 logging.basicConfig(level=logging.INFO)
 from gpt2.config import DataConfig
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.data.shard_writer import ShardWriter
 add = ShardWriter.add
 def slow(self, tokens):
     time.sleep(0.01)
     add(self, tokens)
 ShardWriter.add = slow
-import gpt2.data.prepare as D
+import gpt2.data.preprocess as D
 import gpt2.data.shard_writer as SW
 D.CHECKPOINT_S = 0.0
 SW.MOVE_CHUNK = int(sys.argv[4])  # a one-document corpus moves its val tail in many small copies

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gpt2.config import GenerateConfig
-from gpt2.generate.samples import generate_samples
+from gpt2.generate.command import generate_samples
 from gpt2.generate.sampling import generate
 from tests.helpers import REPO, save_model_checkpoint, tiny_model
 

@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from gpt2.checkpoint.format import read_meta
 from gpt2.checkpoint.store import find_latest
 from gpt2.data.loader import TokenLoader
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.errors import UserError
+from gpt2.train.launch import train
 from gpt2.train.metrics import read_metrics
 from gpt2.train.preemption import PREEMPTED_EXIT_CODE
-from gpt2.train.train import train
 from tests.helpers import (
     REPO,
     MaliciousPickle,
@@ -519,7 +519,7 @@ the same mechanism whatever the tokenizer."""
 def test_a_resume_at_another_world_size_continues_with_the_same_global_batches(
         tmp_path: Path, bpe_cache: Path) -> None:
     from gpt2.data.loader import TokenLoader
-    from gpt2.train.train import prepare
+    from gpt2.train.launch import prepare
 
     common = bpe_overrides(bpe_cache, *WORLD, "distributed=ddp")
     one = run_train_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from gpt2.config import GenerateConfig, ModelConfig
-from gpt2.generate.samples import generate_samples
+from gpt2.generate.command import generate_samples
 from gpt2.model.gpt import GPT
 from gpt2.tokenizers.bpe import TOKENIZER_FILE
-from gpt2.train.train import train
+from gpt2.train.launch import train
 from tests.helpers import REPO, bpe_overrides, compose_train, hf_logits, save_model_checkpoint
 
 EXPORT_STRINGS = ["ROMEO:\nWhat light through yonder window breaks?", "  two  spaces\tand a tab\r\n", "12345 3.14159",

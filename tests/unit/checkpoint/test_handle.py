@@ -13,7 +13,7 @@ import pytest
 
 from gpt2.checkpoint.format import FORMAT, META
 from gpt2.checkpoint.handle import Checkpoint
-from gpt2.train.train import train
+from gpt2.train.launch import train
 from tests.helpers import compose_train
 from tests.unit.evals.common import tricky_items, write_jsonl
 

@@ -14,7 +14,7 @@ import pytest
 
 from gpt2.data import encoding as E
 from gpt2.data import sources as S
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.tokenizers.gpt2 import get_tokenizer
 from tests.helpers import make_docs, split_tokens, text_cfg
 

@@ -113,7 +113,7 @@ def test_a_shards_source_prepared_with_another_tokenizer_is_refused(tmp_path: Pa
                                                                     small_corpus_dir: Path) -> None:
     from gpt2.config import DataConfig, TokenizerConfig
     from gpt2.data.mixture import prepare_mixture
-    from gpt2.data.prepare import prepare_data
+    from gpt2.data.preprocess import prepare_data
 
     other = prepare_data(DataConfig(name="text", path=str(small_corpus_dir), cache_dir=str(tmp_path / "c"),
                                     num_proc=1), tokenizer=TokenizerConfig(name="bpe", vocab_size=300,
@@ -130,7 +130,7 @@ def test_a_shards_source_prepared_with_another_tokenizer_is_refused(tmp_path: Pa
 def test_a_two_source_mixture_trains_logs_each_source_and_resumes_bit_exactly(
         tmp_path: Path, bpe_cache: Path, small_corpus_dir: Path) -> None:
     """On a BPE trained on both sources (4K ids: a step costs a tenth of one with GPT-2's vocabulary)."""
-    from gpt2.train.train import train
+    from gpt2.train.launch import train
 
     args = ["debug=cpu", "data=mix", f"data.cache_dir={bpe_cache}", "tokenizer=bpe",
             f"tokenizer.vocab_size={BPE.vocab_size}", f"tokenizer.train_max_bytes={BPE.train_max_bytes}",

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gpt2.config import DataConfig
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.data.shards import TokenStream, check_vocab, write_shard
 from gpt2.errors import UserError
 from tests.helpers import compose_train, data_cfg
@@ -25,7 +25,7 @@ def llmc_shard(path: Path, tokens: np.ndarray, magic: int = 20240520, version: i
 
 @pytest.mark.slow
 def test_llmc_and_npy_shards_load_and_train(tmp_path: Path, base_overrides: list[str]) -> None:
-    from gpt2.train.train import train
+    from gpt2.train.launch import train
 
     rng = np.random.default_rng(0)
     d = tmp_path / "shards"
@@ -74,7 +74,7 @@ def test_bad_shards_are_clear_errors(tmp_path: Path, tiktoken_file: str, corpora
 @pytest.mark.parametrize("suffix", [".bin", ".npy"])
 def test_token_ids_beyond_the_vocabulary_are_one_error_naming_the_shard(suffix: str, tmp_path: Path,
                                                                          tiktoken_file: str) -> None:
-    from gpt2.data.prepare import prepare_data
+    from gpt2.data.preprocess import prepare_data
 
     shards = tmp_path / "shards"
     shards.mkdir()

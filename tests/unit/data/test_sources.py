@@ -15,7 +15,7 @@ import pytest
 
 from gpt2.config import DataConfig
 from gpt2.data.loader import TokenLoader
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.errors import UserError
 from gpt2.tokenizers.gpt2 import get_tokenizer
 from tests.helpers import REPO, split_docs, split_tokens, text_cfg
@@ -84,7 +84,7 @@ def test_hf_local_jsonl(tmp_path: Path, tiktoken_file: str) -> None:
 def test_hf_hub_name_offline_is_a_user_error(tmp_path: Path, tiktoken_file: str) -> None:
     code = (
         "from gpt2.config import DataConfig\nfrom gpt2.errors import UserError\n"
-        "from gpt2.data.prepare import prepare_data\n"
+        "from gpt2.data.preprocess import prepare_data\n"
         "try:\n"
         f"    prepare_data(DataConfig(name='hf', path='someone/some-dataset', cache_dir={str(tmp_path)!r},"
         f" tokenizer_path={tiktoken_file!r}))\n"

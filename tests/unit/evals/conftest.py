@@ -14,7 +14,7 @@ from tests.unit.evals.common import CYCLE, predictable_items, write_jsonl
 @pytest.fixture(scope="module")
 def hellaswag_run(tmp_path_factory: pytest.TempPathFactory, gpt2_cache: Path, tiktoken_file: str) -> dict:
     """A tiny model trained on the word cycle, with HellaSwag on predictable items during training."""
-    from gpt2.train.train import train
+    from gpt2.train.launch import train
 
     root = tmp_path_factory.mktemp("hs_run")
     corpus = root / "corpus"

@@ -86,8 +86,8 @@ def test_run_eval_scores_the_whole_small_split_unless_asked_for_the_training_win
 
     from gpt2.config import EvalRunConfig
     from gpt2.evals.runner import run_evals
+    from gpt2.train.launch import train
     from gpt2.train.metrics import read_metrics
-    from gpt2.train.train import train
     from tests.helpers import compose_train
 
     run = tmp_path / "run"

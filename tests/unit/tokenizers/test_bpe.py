@@ -17,12 +17,12 @@ import torch
 from gpt2.checkpoint.format import read_meta
 from gpt2.checkpoint.store import find_latest
 from gpt2.config import DataConfig, GenerateConfig, TokenizerConfig
-from gpt2.data.prepare import prepare_data, run_tokenizer
+from gpt2.data.preprocess import prepare_data, run_tokenizer
 from gpt2.data.sources import shakespeare_files
 from gpt2.errors import UserError
-from gpt2.generate.samples import generate_samples
+from gpt2.generate.command import generate_samples
 from gpt2.tokenizers.bpe import TOKENIZER_FILE, HFTokenizer
-from gpt2.train.train import train
+from gpt2.train.launch import train
 from tests.helpers import BPE, bpe_overrides, compose_train, run_entry
 
 """The test BPE: 4,096 ids trained on the first 2 MB of Shakespeare (about a second)."""

@@ -20,7 +20,7 @@ import pytest
 import tiktoken
 
 from gpt2.config import DataConfig, TokenizerConfig
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.data.sources import shakespeare_files
 from gpt2.errors import UserError
 from gpt2.tokenizers.bpe import ENCODER_ENV, HFTokenizer

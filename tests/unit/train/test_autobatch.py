@@ -11,7 +11,7 @@ from gpt2.config import ModelConfig, PrecisionConfig, TrainConfig, validate
 from gpt2.errors import ConfigError, UserError
 from gpt2.model.gpt import GPT
 from gpt2.train.autobatch import candidate_sizes, fits_in_memory, largest_fitting, resolve_micro_batch_size
-from gpt2.train.train import train
+from gpt2.train.launch import train
 from tests.helpers import compose_train
 
 V = 101

@@ -59,8 +59,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest() -> None:
 
 @pytest.mark.slow
 def test_muon_trains_checkpoints_and_resumes_bit_exactly(tmp_path: Path, base_overrides: list[str]) -> None:
+    from gpt2.train.launch import train
     from gpt2.train.metrics import read_metrics
-    from gpt2.train.train import train
 
     args = [*base_overrides, "optimizer=muon", "optimizer.muon_lr=0.05", "optimizer.lr=3e-3", "total_batch_tokens=512",
             "micro_batch_size=4", "block_size=64", "eval_interval=0", "eval_iters=1", "sample_tokens=0",

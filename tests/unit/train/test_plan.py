@@ -11,7 +11,7 @@ import pytest
 
 from gpt2.checkpoint.format import read_meta
 from gpt2.errors import ConfigError, UserError
-from gpt2.train.train import train
+from gpt2.train.launch import train
 from tests.helpers import REPO, TINY_RUN, bpe_overrides, compose_train, run_train_cli, subprocess_env
 
 

@@ -1,4 +1,4 @@
-"""gpt2.train.train: a tiny model learns the demo corpus; W&B offline files in the run dir."""
+"""gpt2.train.launch: a tiny model learns the demo corpus; W&B offline files in the run dir."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from gpt2.train.launch import train
 from gpt2.train.metrics import read_metrics
-from gpt2.train.train import train
 from tests.helpers import TINY_RUN, compose_train, losses
 
 

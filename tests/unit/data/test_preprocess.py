@@ -1,4 +1,4 @@
-"""gpt2.data.prepare: corpus preparation into shards (real files, real tokenizer, real pool): splits by
+"""gpt2.data.preprocess: corpus preparation into shards (real files, real tokenizer, real pool): splits by
 document and by token, caching, multiple shards, max_tokens, a full disk."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from gpt2.data import sources as S
-from gpt2.data.prepare import prepare_data
+from gpt2.data.preprocess import prepare_data
 from gpt2.data.shards import open_shard
 from gpt2.tokenizers.gpt2 import get_tokenizer
 from tests.helpers import EOT, REPO, data_cfg, make_docs, split_docs, split_tokens, subprocess_env, text_cfg
@@ -148,7 +148,7 @@ def test_a_one_document_corpus_keeps_its_val_tokens_out_of_every_train_shard(tmp
 
 def test_a_folder_prepared_with_val_inside_the_train_shards_still_loads(tmp_path: Path) -> None:
     """The layout of format 2: a one-document corpus's val split was a token range of the last train shard."""
-    from gpt2.data.prepared import load_prepared
+    from gpt2.data.corpus import load_prepared
     from gpt2.data.shards import write_shard
 
     folder = tmp_path / "old"

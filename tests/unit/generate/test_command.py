@@ -1,4 +1,4 @@
-"""gpt2.generate.samples (run_generate.py's body): streaming that holds partial UTF-8, seeds, prompt cropping."""
+"""gpt2.generate.command (run_generate.py's body): streaming that holds partial UTF-8, seeds, prompt cropping."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from gpt2.config import GenerateConfig
 from gpt2.errors import UserError
-from gpt2.generate.samples import _Streamer, generate_samples
+from gpt2.generate.command import _Streamer, generate_samples
 
 
 def test_streamer_holds_partial_utf8(ranks_file: str) -> None:

@@ -1,4 +1,4 @@
-"""gpt2.evals.lm_eval and lm_eval_tasks: our GPT as an lm-eval `LM`, against lm-eval's own `hf` backend (HFLM)
+"""gpt2.evals.lm_eval_model and lm_eval_tasks: our GPT as an lm-eval `LM`, against lm-eval's own `hf` backend (HFLM)
 on the exported model (per-request log-likelihoods, rolling log-likelihoods, greedy generations, accuracies),
 through run_eval.py (one process and two gloo ranks), offline errors, the config's spelling, and lm-eval tasks
 during FSDP training. Every task is defined here on local jsonl files (`dataset_path: json`); nothing is
@@ -25,7 +25,7 @@ from tests.unit.evals.common import WORDS, run_eval_cli
 
 lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (pip install -e '.[eval]') is not installed")
 from gpt2.evals import lm_eval_tasks  # noqa: E402  (imports lm_eval)
-from gpt2.evals.lm_eval import GPTLM  # noqa: E402
+from gpt2.evals.lm_eval_model import GPTLM  # noqa: E402
 
 TASKS = ("tiny_mc", "tiny_ppl", "tiny_gen")
 N_POSITIONS = 128
@@ -346,7 +346,7 @@ def test_our_bpe_scores_as_the_hf_backend_scores_its_export(exported: dict, bpe_
 
     from gpt2.checkpoint.export import export_checkpoint
     from gpt2.checkpoint.handle import load_for_inference
-    from gpt2.train.train import train
+    from gpt2.train.launch import train
     from tests.helpers import bpe_overrides, compose_train
 
     run = tmp_path / "run"

@@ -1,6 +1,6 @@
 """A prepared corpus on disk: its folder, manifest and the train/val splits, and shards used as they are.
 
-``manifest.json`` (written last by gpt2.data.prepare) records the source, the tokenizer, each shard's
+``manifest.json`` (written last by gpt2.data.preprocess) records the source, the tokenizer, each shard's
 token count and sha256, and each split as shards plus a token range. `data=shards` reads llm.c ``.bin``
 or build-nanogpt ``.npy`` shards without a manifest.
 """

@@ -18,7 +18,7 @@ from gpt2.checkpoint.store import find_latest
 from gpt2.config import MIX, ModelConfig, TrainConfig
 from gpt2.data.loader import TokenLoader
 from gpt2.data.mixture import MixtureLoader, PreparedMixture, prepare_mixture
-from gpt2.data.prepare import PreparedData, prepare_on_ranks
+from gpt2.data.preprocess import PreparedData, prepare_on_ranks
 from gpt2.errors import Interrupted, UserError
 from gpt2.evals import hellaswag
 from gpt2.model.gpt import GPT

@@ -2,7 +2,7 @@
 
 ``prepare_data(cfg)`` tokenizes cfg's corpus (gpt2.data.sources) on ``data.num_proc`` processes, in
 document order, into ``<cache_dir>/prepared/<key>/``: ``train_NNNNNN.bin`` and ``val_NNNNNN.bin`` shards of
-``data.shard_tokens`` tokens (llm.c's format, gpt2.data.shards) and a ``manifest.json`` (gpt2.data.prepared).
+``data.shard_tokens`` tokens (llm.c's format, gpt2.data.shards) and a ``manifest.json`` (gpt2.data.corpus).
 Every document is followed by ``<|endoftext|>``. The key hashes the source contents, the tokenizer
 identity, the split, max_tokens and FORMAT_VERSION, so another call (or rank) reuses the folder.
 
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from gpt2.config import DataConfig, TokenizerConfig
+from gpt2.data.corpus import MANIFEST, PreparedData, external_shards, load_prepared
 from gpt2.data.encoding import BATCH_CHARS, encoded, tasks
-from gpt2.data.prepared import MANIFEST, PreparedData, external_shards, load_prepared
 from gpt2.data.shard_writer import ShardWriter, move_tail
 from gpt2.data.shards import token_dtype
 from gpt2.data.sources import Source, make_source
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 """Bump when the prepared layout or document handling changes (invalidates old caches). 2: shards; 3: the val
 split always in val_*.bin shards, and each shard's largest token id in the manifest. Folders of earlier
-formats still load (gpt2.data.prepared reads any split as shards plus a token range)."""
+formats still load (gpt2.data.corpus reads any split as shards plus a token range)."""
 CHECKPOINT_S = 30.0
 """Save the preparation state at least this often (and after every finished shard)."""
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
