@@ -63,14 +63,13 @@ def _rss_mb() -> tuple[float, float]:
 def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     if kind == "ours":
-        from gpt2.config import DataConfig
+        from gpt2.config import DataConfig, TokenizerConfig
         from gpt2.data.preprocess import prepare_data
 
         with tempfile.TemporaryDirectory(prefix="bench-prep-") as cache:
-            cfg = DataConfig(name="text", path=corpus, cache_dir=cache, tokenizer_path=ranks, num_proc=num_proc,
-                             shard_tokens=10_000_000)
+            cfg = DataConfig(name="text", path=corpus, cache_dir=cache, num_proc=num_proc, shard_tokens=10_000_000)
             t0 = time.perf_counter()
-            prepared = prepare_data(cfg)
+            prepared = prepare_data(cfg, tokenizer=TokenizerConfig(path=ranks))
             seconds = time.perf_counter() - t0
             tokens = prepared.n_train_tokens + prepared.n_val_tokens
             n_docs = prepared.meta["n_docs"]

@@ -217,9 +217,9 @@ def prep_worker(kind: str, corpus: str, ranks: str, bpe_json: str, num_proc: int
     from gpt2.config import DataConfig, TokenizerConfig
     from gpt2.data.preprocess import prepare_data
 
-    tcfg = TokenizerConfig() if kind == "gpt2" else TokenizerConfig(name="file", path=bpe_json)
+    tcfg = TokenizerConfig(path=ranks) if kind == "gpt2" else TokenizerConfig(name="file", path=bpe_json)
     with tempfile.TemporaryDirectory(prefix="bench-tok-prep-") as cache:
-        cfg = DataConfig(name="text", path=corpus, cache_dir=cache, tokenizer_path=ranks, num_proc=num_proc)
+        cfg = DataConfig(name="text", path=corpus, cache_dir=cache, num_proc=num_proc)
         t0 = time.perf_counter()
         prepared = prepare_data(cfg, tokenizer=tcfg)
         seconds = time.perf_counter() - t0

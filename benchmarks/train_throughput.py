@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from common import default_out, environment, fmt, markdown_table, median, write_json
 
-from gpt2.config import ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
+from gpt2.config import EvalConfig, ModelConfig, OptimizerConfig, PrecisionConfig, SchedulerConfig, TrainConfig
 from gpt2.model.gpt import GPT
 from gpt2.model.presets import model_preset
 from gpt2.runtime.device import DTYPES, autocast, detect_peak_flops, set_tf32
@@ -85,9 +85,10 @@ def build_ours(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool, d
                out_dir: str) -> Callable[[], float]:
     """Trainer.train_step on a fresh GPT (what `run_train.py` builds, minus logging and data prep)."""
     train_cfg = TrainConfig(model=cfg, optimizer=OptimizerConfig(), scheduler=SchedulerConfig(warmup_steps=10),
-                            precision=PrecisionConfig(name=precision), micro_batch_size=shape.batch,
+                            precision=PrecisionConfig(name=precision), eval=EvalConfig(sample_tokens=0),
+                            micro_batch_size=shape.batch,
                             block_size=shape.seq, total_batch_tokens=shape.batch * shape.seq, compile=compile_,
-                            device=device.type, max_steps=10_000, sample_tokens=0)
+                            device=device.type, max_steps=10_000)
     model: torch.nn.Module = GPT(cfg).to(device)
     if compile_:
         model = torch.compile(model)

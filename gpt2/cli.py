@@ -199,6 +199,9 @@ def check_override_keys(schema: type, overrides: list[str], groups: set[str] = f
         key = arg.split("=", 1)[0].lstrip("~+")
         if not key or "/" in key or "@" in key or key == "hydra" or key.startswith("hydra.") or key in groups:
             continue
+        moved = C.moved_key_error(key)
+        if moved is not None:
+            raise ConfigError(moved)
         cls: Any = schema
         prefix = ""
         for part in key.split("."):

@@ -47,6 +47,26 @@ LM_EVAL_PREFIX = "lm_eval:"
 """run_eval.py's tasks=[lm_eval:NAME] names an lm-evaluation-harness task, group or tag."""
 
 
+MOVED_KEYS = {
+    "eval_interval": "eval.interval",
+    "eval_iters": "eval.iters",
+    "sample_prompt": "eval.sample_prompt",
+    "sample_tokens": "eval.sample_tokens",
+    "sample_temperature": "eval.sample_temperature",
+    "sample_top_k": "eval.sample_top_k",
+    "data.tokenizer_path": "tokenizer.path",
+    "tokenizer_path": "tokenizer.path",
+}
+"""Keys of earlier versions and where they live now: given the old way, one error line names the new key
+(gpt2.cli), and a checkpoint's saved config is read with them moved (gpt2.checkpoint.format.upgrade)."""
+
+
+def moved_key_error(key: str) -> str | None:
+    """The error line for a key that moved (`eval_interval` -> "moved to eval.interval"), else None."""
+    new = MOVED_KEYS.get(key)
+    return None if new is None else f"{key} moved to {new}; write {new}=... instead."
+
+
 def check_device(key: str, value: str) -> None:
     """The one check of a device name: auto, cpu, cuda or cuda:N."""
     index = value[len("cuda:"):] if value.startswith("cuda:") else "0"
@@ -285,8 +305,6 @@ class DataConfig(SourceConfig):
     """Fraction of tokens held out for validation."""
     num_proc: int = 0
     """Processes for tokenizing; 0 = all cores."""
-    tokenizer_path: str | None = None
-    """A gpt2.tiktoken ranks file to use instead of tiktoken's cache or openai-whisper's copy."""
 
     def parts(self) -> list[tuple[str, float, DataConfig]]:
         """(name, normalised weight, the corpus as a DataConfig of its own) of each source of a mixture, in name
@@ -335,12 +353,12 @@ class DataConfig(SourceConfig):
 
 @dataclass
 class TokenizerConfig:
-    """Which tokenizer turns text into ids (gpt2/bpe.py builds it)."""
+    """Which tokenizer turns text into ids (gpt2/tokenizers/factory.py builds it)."""
 
     name: str = "gpt2"
     """gpt2 (tiktoken's GPT-2 encoding), bpe (train a byte-level BPE on the corpus) or file (a tokenizer.json)."""
     path: str | None = None
-    """file: the tokenizer.json to use; gpt2: a gpt2.tiktoken ranks file (like data.tokenizer_path); bpe: unused."""
+    """gpt2: a gpt2.tiktoken vocabulary file (null = found in the caches); file: a tokenizer.json."""
     vocab_size: int = 8192
     """bpe: vocabulary size, special tokens included (at least 256 bytes + the special tokens)."""
     min_frequency: int = 2
@@ -452,8 +470,20 @@ def _require_lm_eval(key: str) -> None:
 
 @dataclass
 class EvalConfig:
-    """What the periodic evaluation during training measures (cadence: eval_interval)."""
+    """When the periodic evaluation during training runs and what it measures."""
 
+    interval: int = 100
+    """Evaluate every N steps (and at the end); 0 = only at the end."""
+    iters: int = 0
+    """At most this many batches of micro_batch_size val windows per evaluation; 0 = eval.val_tokens decides."""
+    sample_prompt: str = "ROMEO:"
+    """Prompt for the sample generated at each evaluation; empty disables sampling."""
+    sample_tokens: int = 64
+    """New tokens in each evaluation sample."""
+    sample_temperature: float = 0.8
+    """Softmax temperature of the evaluation sample; 0 = greedy."""
+    sample_top_k: int | None = 200
+    """The evaluation sample picks among the k most likely tokens; null = no limit."""
     val_tokens: int = 1_000_000
     """A val split of at most this many tokens is scored whole, a larger one on a fixed seeded sample this size."""
     hellaswag_interval: int = 0
@@ -472,6 +502,13 @@ class EvalConfig:
     """How the lm-eval tasks run: few-shot, your own task files, more lm-eval options."""
 
     def check(self) -> None:
+        _require(self.interval >= 0, f"eval.interval={self.interval} must be >= 0 (0 = only at the end).")
+        _require(self.iters >= 0, f"eval.iters={self.iters} must be >= 0 (0 = eval.val_tokens decides).")
+        _require(self.sample_tokens >= 0, f"eval.sample_tokens={self.sample_tokens} must be >= 0.")
+        _require(self.sample_temperature >= 0, f"eval.sample_temperature={self.sample_temperature} must be >= 0 "
+                                               f"(0 = greedy).")
+        _require(self.sample_top_k is None or self.sample_top_k > 0,
+                 f"eval.sample_top_k={self.sample_top_k} must be > 0 or null.")
         _require(self.val_tokens >= 0, f"eval.val_tokens={self.val_tokens} must be >= 0 (0 = always the whole split).")
         _require(self.hellaswag_interval >= 0, f"eval.hellaswag_interval={self.hellaswag_interval} must be >= 0 "
                                                f"(0 = off).")
@@ -550,20 +587,8 @@ class TrainConfig:
     """Sequences per forward pass on one rank, or auto (CUDA: the largest that fits and divides the batch)."""
     block_size: int = 128
     """Tokens per training sequence; <= model.n_positions."""
-    eval_interval: int = 100
-    """Evaluate every N steps (and at the end); 0 = only at the end."""
-    eval_iters: int = 0
-    """At most this many batches of micro_batch_size val windows per evaluation; 0 = eval.val_tokens decides."""
     log_interval: int = 10
     """Log training metrics every N steps."""
-    sample_prompt: str = "ROMEO:"
-    """Prompt for the sample generated at each evaluation; empty disables sampling."""
-    sample_tokens: int = 64
-    """New tokens in each evaluation sample."""
-    sample_temperature: float = 0.8
-    """Softmax temperature of the evaluation sample; 0 = greedy."""
-    sample_top_k: int | None = 200
-    """The evaluation sample picks among the k most likely tokens; null = no limit."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; null = detect (known GPUs) or skip."""
     resume: str | None = None
@@ -580,13 +605,6 @@ class TrainConfig:
             self.micro_batch_size == "auto" or (type(self.micro_batch_size) is int and self.micro_batch_size > 0),
             f"micro_batch_size={self.micro_batch_size!r} must be a number greater than 0 or auto.",
         )
-        _require(self.eval_iters >= 0, f"eval_iters={self.eval_iters} must be >= 0 (0 = eval.val_tokens decides).")
-        _require(self.eval_interval >= 0, f"eval_interval={self.eval_interval} must be >= 0.")
-        _require(self.sample_tokens >= 0, f"sample_tokens={self.sample_tokens} must be >= 0.")
-        _require(self.sample_temperature >= 0, f"sample_temperature={self.sample_temperature} must be >= 0 "
-                                               f"(0 = greedy).")
-        _require(self.sample_top_k is None or self.sample_top_k > 0,
-                 f"sample_top_k={self.sample_top_k} must be > 0 or null.")
         check_device("device", self.device)
 
 
@@ -618,9 +636,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _require(not (cfg.tokenizer.name == "bpe" and cfg.data.name == "shards"),
              "tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer the shards "
              "were made with (tokenizer=gpt2, or tokenizer=file tokenizer.path=...json).")
-    _require(cfg.tokenizer.name == "gpt2" or cfg.data.tokenizer_path is None,
-             f"data.tokenizer_path={cfg.data.tokenizer_path!r} is a GPT-2 ranks file, unused by "
-             f"tokenizer={cfg.tokenizer.name}; drop it (tokenizer.path names a tokenizer.json).")
     _require(
         cfg.block_size <= cfg.model.n_positions,
         f"block_size={cfg.block_size} exceeds model.n_positions={cfg.model.n_positions}; "
@@ -642,6 +657,15 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         f"scheduler.warmup_steps={cfg.scheduler.warmup_steps} exceeds max_steps={cfg.max_steps}; "
         f"lower warmup_steps.",
     )
+
+
+@dataclass
+class VocabFileConfig:
+    """Where GPT-2's vocabulary comes from when a model uses GPT-2's tokenizer (run_generate.py, run_eval.py; a
+    model trained with its own BPE carries its tokenizer.json)."""
+
+    path: str | None = None
+    """A gpt2.tiktoken vocabulary file; null = tiktoken's cache or openai-whisper's copy."""
 
 
 @dataclass
@@ -676,8 +700,8 @@ class GenerateConfig:
     """Decoder: auto (CUDA graphs on CUDA, else eager), eager, static (graph-ready, no capture) or graph."""
     crop_prompt: bool = True
     """Keep only the last n_positions - max_new_tokens prompt tokens when the prompt is too long (false = refuse)."""
-    tokenizer_path: str | None = None
-    """A gpt2.tiktoken ranks file (see README: offline tokenizer)."""
+    tokenizer: VocabFileConfig = field(default_factory=VocabFileConfig)
+    """GPT-2's vocabulary file, for a model that uses GPT-2's tokenizer."""
     output_file: str | None = None
     """Also write the samples to this file; null = print only."""
 
@@ -727,8 +751,8 @@ class EvalRunConfig:
     """val_loss: score exactly the windows the training run logged (its eval_iters cap, val_tokens and seed)."""
     cache_dir: str = "~/.cache/gpt2"
     """Where the HellaSwag file is downloaded (with a checkpoint: its data.cache_dir)."""
-    tokenizer_path: str | None = None
-    """A gpt2.tiktoken ranks file (see README: offline tokenizer)."""
+    tokenizer: VocabFileConfig = field(default_factory=VocabFileConfig)
+    """GPT-2's vocabulary file, for a model that uses GPT-2's tokenizer."""
     output_file: str | None = None
     """Also write the results as JSON to this file; null = print only."""
 

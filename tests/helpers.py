@@ -195,7 +195,7 @@ def bpe_overrides(cache: Path, *extra: str) -> list[str]:
             "tokenizer=bpe", f"tokenizer.vocab_size={BPE.vocab_size}",
             f"tokenizer.train_max_bytes={BPE.train_max_bytes}",
             "logger=none", "progress_bar=false", "device=cpu", "precision=fp32", "total_batch_tokens=256",
-            "micro_batch_size=4", "block_size=64", "eval_interval=0", "eval_iters=1", "sample_tokens=8", *extra]
+            "micro_batch_size=4", "block_size=64", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=8", *extra]
 
 
 WORKERS = REPO / "tests" / "workers" / "checkpoint_workers.py"
@@ -221,8 +221,8 @@ def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
 
 
-TINY_RUN = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_size=32", "eval_interval=3",
-            "eval_iters=2", "sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
+TINY_RUN = ["model=tiny", "max_steps=6", "total_batch_tokens=512", "block_size=32", "eval.interval=3",
+            "eval.iters=2", "eval.sample_tokens=8", "optimizer.grad_clip=0", "scheduler.warmup_steps=1",
             "log_interval=1"]
 
 
@@ -251,10 +251,9 @@ def hf_logits(path: Path, idx: torch.Tensor) -> torch.Tensor:
         return model.eval()(idx).logits
 
 
-def text_cfg(path: Path | str, cache: Path, tiktoken_file: str, **kw: object) -> DataConfig:
+def text_cfg(path: Path | str, cache: Path, **kw: object) -> DataConfig:
     kw = {"num_proc": 1, **kw}
-    return DataConfig(name="text", path=str(path), cache_dir=str(cache), tokenizer_path=tiktoken_file,
-                      **kw)  # type: ignore[arg-type]
+    return DataConfig(name="text", path=str(path), cache_dir=str(cache), **kw)  # type: ignore[arg-type]
 
 
 def split_tokens(p: PreparedData) -> tuple[np.ndarray, np.ndarray]:
@@ -271,8 +270,8 @@ def split_docs(ids: np.ndarray) -> list[list[int]]:
     return [ids[a + 1 : b].tolist() for a, b in zip(np.concatenate([[-1], cuts[:-1]]), cuts)]
 
 
-def data_cfg(kind: str, path: Path, cache: Path, tiktoken_file: str, **kw: object) -> DataConfig:
-    common = {"cache_dir": str(cache), "tokenizer_path": tiktoken_file, "num_proc": 1, **kw}
+def data_cfg(kind: str, path: Path, cache: Path, **kw: object) -> DataConfig:
+    common = {"cache_dir": str(cache), "num_proc": 1, **kw}
     if kind == "text":
         return DataConfig(name="text", path=str(path), **common)  # type: ignore[arg-type]
     builder = {"jsonl": "json", "parquet": "parquet"}[kind]

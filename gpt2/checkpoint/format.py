@@ -10,6 +10,7 @@ pickled code (``torch.load(weights_only=True)``, safetensors, and a restricted u
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from gpt2.config import MOVED_KEYS
 from gpt2.errors import UserError
 from gpt2.runtime.distributed import unwrap_model
 from gpt2.tokenizers.factory import GPT2_RECORD
@@ -96,13 +98,36 @@ def torch_load(path: Path) -> Any:
 # ------------------------------------------------------------------ meta.json
 
 
+def _moved_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved training config with the keys of earlier versions at their new places (config.MOVED_KEYS)."""
+    config = copy.deepcopy(config)
+    for old, new in MOVED_KEYS.items():
+        *old_parents, old_leaf = old.split(".")
+        parent = config
+        for part in old_parents:
+            parent = parent.get(part) if isinstance(parent.get(part), dict) else {}
+        if old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_parents, new_leaf = new.split(".")
+        target = config
+        for part in new_parents:
+            target = target.setdefault(part, {})
+        if target.get(new_leaf) is None:
+            target[new_leaf] = value
+    return config
+
+
 def upgrade(meta: dict[str, Any]) -> dict[str, Any]:
     """meta.json of any earlier format in the current one. Format 1 could lack the run plan (the model was
-    then `config.model`) and the tokenizer record (it was then GPT-2's)."""
+    then `config.model`) and the tokenizer record (it was then GPT-2's). A saved config of any format has
+    the keys that moved since (eval_interval -> eval.interval, ...) at their new places."""
     if meta.get("format") == 1:
         config = meta.get("config") or {}
         plan = meta.get("plan") or {"model": config.get("model") or {}}
         meta = {**meta, "format": 2, "plan": plan, "tokenizer": meta.get("tokenizer") or dict(GPT2_RECORD)}
+    if isinstance(meta.get("config"), dict):
+        meta = {**meta, "config": _moved_keys(meta["config"])}
     return meta
 
 

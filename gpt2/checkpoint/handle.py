@@ -57,13 +57,13 @@ class Checkpoint:
     def tokenizer_record(self) -> dict[str, Any]:
         return self.meta["tokenizer"]
 
-    def tokenizer(self, ranks_path: str | None = None, cache_dir: str | None = None) -> AnyTokenizer:
+    def tokenizer(self, vocab_path: str | None = None, cache_dir: str | None = None) -> AnyTokenizer:
         """The tokenizer the model's ids belong to: our BPE's tokenizer.json from the checkpoint, or GPT-2's
-        (`ranks_path`, else the training run's ranks file, else found in the caches)."""
+        (`vocab_path`, else the training run's vocabulary file, else found in the caches)."""
         data = self.train_config.data
         if self.tokenizer_record.get("kind") != "hf":
-            ranks_path = ranks_path or self.train_config.tokenizer.path or data.tokenizer_path
-        return from_record(self.tokenizer_record, self.path, ranks_path, cache_dir or data.cache_dir)
+            vocab_path = vocab_path or self.train_config.tokenizer.path
+        return from_record(self.tokenizer_record, self.path, vocab_path, cache_dir or data.cache_dir)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full model state dict from either format (model.safetensors or dcp/), no process group needed."""
@@ -78,17 +78,17 @@ CHECKPOINT_FIX = ("Check the path: checkpoint= takes a training run dir, its che
                   "for a Hugging Face model use pretrained=NAME|DIR instead.")
 
 
-def load_for_inference(checkpoint: str | None, pretrained: str | None, ranks_path: str | None = None,
+def load_for_inference(checkpoint: str | None, pretrained: str | None, vocab_path: str | None = None,
                        cache_dir: str | None = None) -> tuple[GPT, AnyTokenizer, Checkpoint | None]:
     """The model and tokenizer to generate or evaluate with: a training checkpoint's (and the opened
     checkpoint), or a pretrained Hugging Face name/directory's (and None)."""
     if checkpoint is not None:
         ckpt = Checkpoint.open(checkpoint, CHECKPOINT_FIX)
-        tokenizer = ckpt.tokenizer(ranks_path, cache_dir)  # before the weights: a wrong ranks file fails at once
+        tokenizer = ckpt.tokenizer(vocab_path, cache_dir)  # before the weights: a wrong vocabulary file fails at once
         return ckpt.model(), tokenizer, ckpt
     if pretrained is None:
         raise UserError("give checkpoint=PATH or pretrained=NAME|DIR.")
     from gpt2.model.hf import load_pretrained
 
-    tokenizer = from_pretrained_dir(pretrained, ranks_path, cache_dir)
+    tokenizer = from_pretrained_dir(pretrained, vocab_path, cache_dir)
     return load_pretrained(pretrained), tokenizer, None

@@ -212,7 +212,7 @@ def run_tokenizer(tokenizer: TokenizerConfig, cfg: DataConfig) -> AnyTokenizer:
     """The tokenizer a run uses: GPT-2 (tiktoken), a tokenizer.json, or our BPE trained on cfg's corpus (once;
     cached by corpus contents and settings)."""
     if tokenizer.name != "bpe":
-        return load_named(tokenizer, cfg.tokenizer_path, cfg.cache_dir)
+        return load_named(tokenizer, cfg.cache_dir)
     if cfg.name == "shards":
         raise UserError("tokenizer=bpe trains on a text corpus, but data=shards holds token ids; use the tokenizer "
                         "the shards were made with (tokenizer=gpt2, or tokenizer=file tokenizer.path=...json).")

@@ -39,7 +39,7 @@ def _val_tokenizer(ckpt: Checkpoint | None, train_cfg: TrainConfig | None) -> To
 def eval_windows(cfg: EvalRunConfig, train_cfg: TrainConfig | None, n_tokens: int, block_size: int) -> ValWindows:
     """The val windows to score: by the val_tokens rule (the whole split up to val_tokens, else a seeded
     sample of that many tokens), or with match_training the exact windows the training run logged (its
-    eval_iters cap, eval.val_tokens and seed). `limit` keeps the first N windows."""
+    eval.iters cap, eval.val_tokens and seed). `limit` keeps the first N windows."""
     defaults = train_cfg or TrainConfig()
     val_tokens = cfg.val_tokens if cfg.val_tokens is not None else defaults.eval.val_tokens
     seed = cfg.seed if cfg.seed is not None else defaults.seed
@@ -49,7 +49,7 @@ def eval_windows(cfg: EvalRunConfig, train_cfg: TrainConfig | None, n_tokens: in
             raise UserError("match_training=true reproduces a training run's val windows; it needs checkpoint=RUN, "
                             "not pretrained=.")
         micro = train_cfg.micro_batch_size if isinstance(train_cfg.micro_batch_size, int) else 0
-        max_windows = train_cfg.eval_iters * micro
+        max_windows = train_cfg.eval.iters * micro
         val_tokens, seed = train_cfg.eval.val_tokens, train_cfg.seed
     windows = select_windows(n_tokens, block_size, val_tokens, seed, max_windows=max_windows)
     if cfg.limit:
@@ -119,7 +119,7 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
             from gpt2.evals import lm_eval_model, lm_eval_tasks
 
             lm_loaded = lm_eval_tasks.load_tasks(cfg.lm_eval_tasks, cfg.lm_eval, key="lm_eval")
-        model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path,
+        model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer.path,
                                                     None if cfg.checkpoint else cfg.cache_dir)
         model = model.to(ranks.device).eval()
         cache_dir = ckpt.train_config.data.cache_dir if ckpt is not None else cfg.cache_dir

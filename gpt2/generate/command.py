@@ -65,7 +65,7 @@ def generate_samples(cfg: GenerateConfig, out: TextIO = sys.stdout) -> list[str]
     output_file = check_writable("output_file", cfg.output_file) if cfg.output_file else None  # before loading
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer, _ = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer_path)
+    model, tokenizer, _ = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer.path)
     model = model.to(device=device, dtype=dtype).eval()
     prompt = _prompt_tokens(tokenizer.encode(cfg.prompt), cfg, model.cfg.n_positions, tokenizer.eot_token)
     if max(prompt) >= model.cfg.vocab_size:

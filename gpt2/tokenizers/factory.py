@@ -35,11 +35,11 @@ def files(tok: AnyTokenizer) -> dict[str, bytes]:
     return tok.files() if isinstance(tok, HFTokenizer) else {}
 
 
-def load_named(cfg: TokenizerConfig, ranks_path: str | None, cache_dir: str) -> AnyTokenizer:
-    """tokenizer=gpt2 (its ranks file: tokenizer.path, else `ranks_path`, else found in the caches) or
-    tokenizer=file. tokenizer=bpe is trained on a corpus by the data layer."""
+def load_named(cfg: TokenizerConfig, cache_dir: str) -> AnyTokenizer:
+    """tokenizer=gpt2 (its vocabulary file: tokenizer.path, else found in the caches) or tokenizer=file.
+    tokenizer=bpe is trained on a corpus by the data layer."""
     if cfg.name == "gpt2":
-        return get_tokenizer(cfg.path or ranks_path, cache_dir=cache_dir)
+        return get_tokenizer(cfg.path, cache_dir=cache_dir)
     if cfg.name == "file":
         return HFTokenizer.from_file(str(cfg.path))
     raise UserError("tokenizer=bpe is trained on the run's corpus; build it through "
@@ -51,31 +51,31 @@ def planned_vocab(cfg: TokenizerConfig) -> int | None:
     return {"gpt2": N_VOCAB, "bpe": cfg.vocab_size}.get(cfg.name)
 
 
-def from_record(record: dict[str, Any], folder: Path, ranks_path: str | None = None,
+def from_record(record: dict[str, Any], folder: Path, vocab_path: str | None = None,
                 cache_dir: str | None = None) -> AnyTokenizer:
     """The tokenizer a checkpoint's meta.json `record` describes: its own tokenizer.json in `folder`, or
-    GPT-2's (`ranks_path`: a ranks file to use). UserError when a GPT-2 ranks file is given for our BPE,
-    or when the checkpoint's tokenizer file was changed."""
+    GPT-2's (`vocab_path`: a gpt2.tiktoken vocabulary file to use). UserError when a GPT-2 vocabulary file is
+    given for our BPE, or when the checkpoint's tokenizer file was changed."""
     if record.get("kind") == "hf":
         path = Path(folder) / str(record.get("file", TOKENIZER_FILE))
-        if ranks_path:
-            raise UserError(f"tokenizer_path={ranks_path!r} is a GPT-2 ranks file, but checkpoint {folder} was "
-                            f"trained with its own tokenizer ({path}); drop tokenizer_path.")
+        if vocab_path:
+            raise UserError(f"tokenizer.path={vocab_path!r} is a GPT-2 vocabulary file, but checkpoint {folder} was "
+                            f"trained with its own tokenizer ({path}); drop tokenizer.path.")
         tok = HFTokenizer.from_file(path)
         if tok.id != record.get("id"):
             raise UserError(f"{path} has id {tok.id}, but meta.json records {record.get('id')}; the checkpoint's "
                             f"tokenizer file was changed. Restore it or use another checkpoint.")
         return tok
-    return get_tokenizer(ranks_path, cache_dir=cache_dir)
+    return get_tokenizer(vocab_path, cache_dir=cache_dir)
 
 
-def from_pretrained_dir(pretrained: str, ranks_path: str | None = None, cache_dir: str | None = None) -> AnyTokenizer:
+def from_pretrained_dir(pretrained: str, vocab_path: str | None = None, cache_dir: str | None = None) -> AnyTokenizer:
     """The tokenizer of a Hugging Face model: a directory's tokenizer.json (our export of a BPE model) when it
     has no GPT-2 vocab.json, else GPT-2's."""
     folder = Path(pretrained).expanduser()
     if (folder / TOKENIZER_FILE).is_file() and not (folder / "vocab.json").is_file():
         return HFTokenizer.from_file(folder / TOKENIZER_FILE)
-    return get_tokenizer(ranks_path, cache_dir=cache_dir)
+    return get_tokenizer(vocab_path, cache_dir=cache_dir)
 
 
 def check_same(tok: AnyTokenizer, record: dict[str, Any], ckpt: Path) -> None:

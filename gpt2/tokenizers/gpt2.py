@@ -3,7 +3,7 @@
 tiktoken normally downloads its ranks file from openaipublic.blob.core.windows.net. This
 module builds the identical ``tiktoken.Encoding`` from a local ranks file found, in order, at
 
-a. an explicit path (``data.tokenizer_path``) or the ``GPT2_TIKTOKEN_FILE`` environment variable;
+a. an explicit path (``tokenizer.path``) or the ``GPT2_TIKTOKEN_FILE`` environment variable;
 b. tiktoken's own cache (``TIKTOKEN_CACHE_DIR`` / ``DATA_GYM_CACHE_DIR`` / ``$TMP/data-gym-cache``);
 c. ``<cache_dir>/tokenizer/gpt2.tiktoken``, extracted once from the openai-whisper source
    package on PyPI (``pip download``), which ships the same file;
@@ -182,7 +182,7 @@ def fetch_ranks_file(cache_dir: str | None = None) -> Path:
 
 def _resolve(path: str | None, cache_dir: str | None) -> Tokenizer:
     if path:
-        return _load_explicit(path, "data.tokenizer_path")
+        return _load_explicit(path, "tokenizer.path")
     if os.environ.get(ENV_FILE):
         return _load_explicit(os.environ[ENV_FILE], ENV_FILE)
     tok = _from_tiktoken_cache()
@@ -200,7 +200,7 @@ def _resolve(path: str | None, cache_dir: str | None) -> Tokenizer:
     dest = whisper_ranks_path(cache_dir)
     raise UserError(
         "Cannot find the GPT-2 tokenizer ranks file (gpt2.tiktoken). Provide it one of three ways:\n"
-        "  1. pass a local copy: data.tokenizer_path=/path/to/gpt2.tiktoken (or GPT2_TIKTOKEN_FILE=...);\n"
+        "  1. pass a local copy: tokenizer.path=/path/to/gpt2.tiktoken (or GPT2_TIKTOKEN_FILE=...);\n"
         f"  2. run `python -m pip download --no-deps --no-binary :all: {WHISPER_REQ} -d /tmp/w` where PyPI is "
         f"reachable and extract {WHISPER_MEMBER} from the tarball to {dest} (or use option 1);\n"
         "  3. allow network access to openaipublic.blob.core.windows.net once (tiktoken caches the file).\n"

@@ -29,7 +29,7 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     def vocab() -> tuple[int, str]:
         n_vocab = planned_vocab(cfg.tokenizer)
         if n_vocab is None:  # tokenizer=file: read it (cheap)
-            n_vocab = load_named(cfg.tokenizer, cfg.data.tokenizer_path, cfg.data.cache_dir).n_vocab
+            n_vocab = load_named(cfg.tokenizer, cfg.data.cache_dir).n_vocab
         return n_vocab, f"tokenizer={cfg.tokenizer.name}"
 
     plan = resolve_plan(cfg, ranks, vocab, resume, choose_micro_batch=None)

@@ -60,7 +60,7 @@ class Evaluator:
         self.hellaswag_items = hellaswag_items  # needed when cfg.eval.hellaswag_interval > 0
         # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
         self.val_windows = [select_windows(len(split.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
-                                           max_windows=cfg.eval_iters * batch_size) for split in val_splits]
+                                           max_windows=cfg.eval.iters * batch_size) for split in val_splits]
         self.lm_eval_tasks: LoadedTasks | None = None  # cfg.eval.lm_eval_tasks, loaded once (rank 0 downloads first)
         if cfg.eval.lm_eval_tasks:
             from gpt2.evals import lm_eval_tasks
@@ -74,7 +74,7 @@ class Evaluator:
     def intervals(self) -> tuple[int, ...]:
         """The cadences of the periodic evaluations (val loss, HellaSwag, lm-eval tasks); 0 = none."""
         lm_every = self.cfg.eval.lm_eval_interval if self.lm_eval_tasks is not None else 0
-        return self.cfg.eval_interval, self.cfg.eval.hellaswag_interval, lm_every
+        return self.cfg.eval.interval, self.cfg.eval.hellaswag_interval, lm_every
 
     def periodic(self) -> bool:
         """Some evaluation runs on a cadence (then the run also starts with a baseline evaluation)."""
@@ -140,15 +140,15 @@ class Evaluator:
     def sample(self) -> str | None:
         """Text from the fixed prompt (same seed every time, global RNG untouched); None when not asked for."""
         cfg = self.cfg
-        if not cfg.sample_prompt or cfg.sample_tokens == 0 or self.tokenizer is None:
+        if not cfg.eval.sample_prompt or cfg.eval.sample_tokens == 0 or self.tokenizer is None:
             return None
-        ids = self.tokenizer.encode(cfg.sample_prompt)
-        room = self.raw_model.cfg.n_positions - cfg.sample_tokens
+        ids = self.tokenizer.encode(cfg.eval.sample_prompt)
+        room = self.raw_model.cfg.n_positions - cfg.eval.sample_tokens
         idx = torch.tensor([ids[-room:]], dtype=torch.long, device=self.device)  # (1, T)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.raw_model.eval()
         with self.autocast():
-            out = generate(self.raw_model, idx, cfg.sample_tokens, temperature=cfg.sample_temperature,
-                           top_k=cfg.sample_top_k, generator=generator)
+            out = generate(self.raw_model, idx, cfg.eval.sample_tokens, temperature=cfg.eval.sample_temperature,
+                           top_k=cfg.eval.sample_top_k, generator=generator)
         self.raw_model.train()
         return self.tokenizer.decode(out[0].tolist())

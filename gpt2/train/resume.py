@@ -19,7 +19,6 @@ SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "pad
 """Model fields that define the weights' shapes: a resumed run cannot change them."""
 FIXED_ON_RESUME = {
     "optimizer.name": "the optimizer state is per optimizer type",
-    "data.tokenizer_path": "the model's token ids belong to its tokenizer",
     "tokenizer": "the model's token ids belong to its tokenizer",
 }
 """Settings whose change on resume cannot carry over (beyond the model shape), and why."""

@@ -68,7 +68,7 @@ def test_cli_rejects_bad_values_without_traceback(tmp_path: Path, args: list[str
 @pytest.mark.slow
 def test_cli_missing_data_is_a_clear_error(tmp_path: Path, tiktoken_file: str) -> None:
     code, output = run([str(REPO / "run_train.py"), "model=tiny", "data=text", f"data.path={tmp_path}/nowhere/*.txt",
-                        f"data.tokenizer_path={tiktoken_file}", f"data.cache_dir={tmp_path / 'cache'}",
+                        f"tokenizer.path={tiktoken_file}", f"data.cache_dir={tmp_path / 'cache'}",
                         f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     one_error(code, output, "nowhere")
 
@@ -141,6 +141,17 @@ def test_unknown_key_is_an_error_naming_the_nearest_key(arg: str, nearest: str, 
 def test_unknown_key_in_every_entry_point(script: str, arg: str, nearest: str, tmp_path: Path) -> None:
     code, out = run([str(REPO / script), arg], tmp_path)
     one_error(code, out, f"did you mean {nearest}?")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,arg,new", [("run_train.py", "eval_interval=5", "eval.interval"),
+                                            ("run_train.py", "+sample_prompt=Hi", "eval.sample_prompt"),
+                                            ("run_train.py", "data.tokenizer_path=x.tiktoken", "tokenizer.path"),
+                                            ("run_generate.py", "tokenizer_path=x.tiktoken", "tokenizer.path")])
+def test_a_moved_key_names_its_new_place(script: str, arg: str, new: str, tmp_path: Path) -> None:
+    code, out = run([str(REPO / script), arg], tmp_path)
+    one_error(code, out, f"{arg.split('=')[0].lstrip('+')} moved to {new}; write {new}=... instead.")
+    assert list(tmp_path.iterdir()) == []  # no outputs/ run dir
 
 
 @pytest.mark.slow
@@ -308,7 +319,7 @@ def test_generate_keeps_the_samples_when_the_final_write_fails(tmp_path: Path, t
     """The output folder passes the check (an empty test file), then the samples' write fails (a file-size limit
     as on a full disk): one error line, the samples are on stdout, no partial file is left."""
     out_file = tmp_path / "out" / "samples.txt"
-    code, out = run([str(REPO / "run_generate.py"), f"pretrained={tiny_hf_dir}", f"tokenizer_path={tiktoken_file}",
+    code, out = run([str(REPO / "run_generate.py"), f"pretrained={tiny_hf_dir}", f"tokenizer.path={tiktoken_file}",
                      f"output_file={out_file}", "max_new_tokens=40", "num_samples=3", "device=cpu", "prompt=Hello"],
                     tmp_path, preexec=fsize_limit(64))
     line = one_error(code, out, f"could not write output_file={out_file}", "the 3 sample(s) were printed above")

@@ -116,7 +116,7 @@ import gpt2.data.preprocess as D
 import gpt2.data.shard_writer as SW
 D.CHECKPOINT_S = 0.0
 SW.MOVE_CHUNK = int(sys.argv[4])  # a one-document corpus moves its val tail in many small copies
-p = prepare_data(DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2], tokenizer_path=sys.argv[3],
+p = prepare_data(DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2],
                             num_proc=2, shard_tokens=700))
 print("DONE", p.folder)
 """
@@ -154,7 +154,7 @@ def test_sigkill_during_preparation_then_rerun_is_byte_identical(kind: str, corp
     assert "resuming the preparation" in err
     killed = load_prepared(out.split()[-1])
     clean = prepare_data(DataConfig(name="text", path=args[0], cache_dir=str(tmp_path / "clean"),
-                                    tokenizer_path=tiktoken_file, num_proc=1, shard_tokens=700))
+                                    num_proc=1, shard_tokens=700))
     for a, b in zip(killed.train.paths + killed.val.paths, clean.train.paths + clean.val.paths):
         assert Path(a).read_bytes() == Path(b).read_bytes()
     assert killed.meta["splits"] == clean.meta["splits"]
@@ -165,11 +165,11 @@ def test_sigkill_during_preparation_then_rerun_is_byte_identical(kind: str, corp
 def test_sigterm_during_preparation_exits_cleanly_then_resumes(corpora: dict[str, Path], tmp_path: Path,
                                                                base_overrides: list[str]) -> None:
     cache = tmp_path / "cache"
-    tok = [o for o in base_overrides if o.startswith("data.tokenizer_path")]
+    tok = [o for o in base_overrides if o.startswith("tokenizer.path")]
     overrides = [*(o for o in base_overrides if not o.startswith("data")), *tok, "data=text",
                  f"data.path={corpora['text']}", f"data.cache_dir={cache}", "data.num_proc=2",
                  "data.shard_tokens=500", "max_steps=2", "block_size=32", "micro_batch_size=4",
-                 "total_batch_tokens=128", "scheduler.warmup_steps=0", "sample_tokens=0"]
+                 "total_batch_tokens=128", "scheduler.warmup_steps=0", "eval.sample_tokens=0"]
     env = subprocess_env(GPT2_TEST_PREPARE_SLEEP="0.05")
     cmd = [sys.executable, str(REPO / "tests" / "workers" / "slow_prepare.py"), *overrides,
            f"hydra.run.dir={tmp_path / 'run'}"]

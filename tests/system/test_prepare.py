@@ -51,7 +51,7 @@ import os
 from gpt2.train.preemption import PreemptionHandler
 from gpt2.train.launch import prepare
 from tests.helpers import compose_train
-cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "data.tokenizer_path={tiktoken_file}"])
+cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "tokenizer.path={tiktoken_file}"])
 assert cfg.data.num_proc == 0
 if (os.cpu_count() or 1) < 2:
     cfg.data.num_proc = 2

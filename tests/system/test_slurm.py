@@ -43,8 +43,8 @@ def slurm_cluster() -> Iterator[None]:
 
 
 
-TINY = ["model=tiny", "block_size=32", "micro_batch_size=4", "total_batch_tokens=128", "eval_interval=0",
-        "eval_iters=2", "sample_tokens=8", "scheduler.warmup_steps=2", "log_interval=10", "progress_bar=false",
+TINY = ["model=tiny", "block_size=32", "micro_batch_size=4", "total_batch_tokens=128", "eval.interval=0",
+        "eval.iters=2", "eval.sample_tokens=8", "scheduler.warmup_steps=2", "log_interval=10", "progress_bar=false",
         "data.num_proc=1"]
 
 
@@ -60,7 +60,7 @@ def data_overrides(tiktoken_file: str, tmp_path_factory: pytest.TempPathFactory)
     corpus.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(4 + i % 9)) + "."
                                 for i in range(3000)))
     return ["data=text", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}",
-            f"data.tokenizer_path={tiktoken_file}"]
+            f"tokenizer.path={tiktoken_file}"]
 
 
 def sweep_cmd(args: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from gpt2.train.metrics import read_metrics
 from tests.helpers import REPO, subprocess_env
 
 TINY = ["model=tiny", "max_steps=10", "block_size=32", "micro_batch_size=4", "total_batch_tokens=128",
-        "eval_interval=0", "eval_iters=2", "sample_tokens=8", "scheduler.warmup_steps=2", "log_interval=5",
+        "eval.interval=0", "eval.iters=2", "eval.sample_tokens=8", "scheduler.warmup_steps=2", "log_interval=5",
         "progress_bar=false", "data.num_proc=1"]
 
 
@@ -34,7 +34,7 @@ def sweep_overrides(tiktoken_file: str, tmp_path_factory: pytest.TempPathFactory
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(lines))
     return [*TINY, "data=text", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}",
-            f"data.tokenizer_path={tiktoken_file}"]
+            f"tokenizer.path={tiktoken_file}"]
 
 
 def sweep_env(tmp_path: Path) -> dict[str, str]:

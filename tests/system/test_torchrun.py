@@ -15,11 +15,11 @@ from tests.helpers import TINY_RUN, losses, run_torchrun, run_train_cli
 @pytest.mark.slow
 def test_ranks_wait_for_a_preparation_longer_than_the_collective_timeout(tmp_path: Path, corpora: dict[str, Path],
                                                                          base_overrides: list[str]) -> None:
-    tok = [o for o in base_overrides if o.startswith("data.tokenizer_path")]
+    tok = [o for o in base_overrides if o.startswith("tokenizer.path")]
     overrides = [*(o for o in base_overrides if not o.startswith("data")), *tok, "data=text",
                  f"data.path={corpora['text']}", f"data.cache_dir={tmp_path / 'cache'}", "data.num_proc=1",
                  "distributed=ddp", "distributed.timeout_s=5", "max_steps=2", "block_size=32", "micro_batch_size=2",
-                 "total_batch_tokens=128", "scheduler.warmup_steps=0", "sample_tokens=0", "eval_iters=1",
+                 "total_batch_tokens=128", "scheduler.warmup_steps=0", "eval.sample_tokens=0", "eval.iters=1",
                  "log_interval=1",
                  f"hydra.run.dir={tmp_path / 'run'}"]
     t0 = time.time()

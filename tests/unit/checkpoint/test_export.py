@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import GenerateConfig, ModelConfig
+from gpt2.config import GenerateConfig, ModelConfig, VocabFileConfig
 from gpt2.generate.command import generate_samples
 from gpt2.model.gpt import GPT
 from gpt2.tokenizers.bpe import TOKENIZER_FILE
@@ -32,14 +32,14 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     from gpt2.checkpoint.handle import Checkpoint
 
     run = tmp_path / "run"
-    steps = ["max_steps=2", "eval_interval=0", "eval_iters=1", "sample_tokens=4", "total_batch_tokens=256",
+    steps = ["max_steps=2", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=4", "total_batch_tokens=256",
              "micro_batch_size=4", "block_size=64", "optimizer.lr=3e-3", "data.max_tokens=60000"]
     args = bpe_overrides(bpe_cache, *steps) if kind == "bpe" else [*base_overrides, *steps]
     train(compose_train(args), run)
     out = export_checkpoint(run, tmp_path / "hf")
     expected = {"gpt2": {"vocab.json", "merges.txt"}, "bpe": {TOKENIZER_FILE}}[kind]
     assert expected <= {p.name for p in out.iterdir()} and "tokenizer_config.json" in {p.name for p in out.iterdir()}
-    ranks = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("data.tokenizer_path="))
+    ranks = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("tokenizer.path="))
     ranks = ranks if kind == "gpt2" else None
     ours = Checkpoint.open(run).tokenizer(ranks)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -59,7 +59,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     # run_generate.py pretrained=OUT_DIR reads the export's own tokenizer too
     [from_export] = generate_samples(GenerateConfig(pretrained=str(out), prompt=prompt, max_new_tokens=16,
                                                     temperature=0, device="cpu", dtype="fp32",
-                                                    tokenizer_path=ranks), io.StringIO())
+                                                    tokenizer=VocabFileConfig(path=ranks)), io.StringIO())
     assert from_export == ours_text
 
 

@@ -42,7 +42,7 @@ def meta_reads() -> Iterator[list[str]]:
 def three_checkpoints(tmp_path_factory: pytest.TempPathFactory, base_overrides: list[str]) -> Path:
     run = tmp_path_factory.mktemp("handle") / "run"
     train(compose_train([*base_overrides, "max_steps=3", "checkpoint.interval=1", "checkpoint.keep_last=3",
-                         "eval_interval=0", "eval_iters=1", "sample_tokens=0", "total_batch_tokens=256",
+                         "eval.interval=0", "eval.iters=1", "eval.sample_tokens=0", "total_batch_tokens=256",
                          "micro_batch_size=2", "block_size=128"]), run)
     assert len(list((run / "checkpoints").glob("step_*"))) == 3
     return run
@@ -79,3 +79,26 @@ def test_a_format_1_meta_is_upgraded_once_when_read(three_checkpoints: Path, tmp
     ckpt = Checkpoint.open(old)
     assert ckpt.meta["format"] == FORMAT and ckpt.tokenizer_record["kind"] == "gpt2"
     assert ckpt.model_config.n_layer == 2 and ckpt.model_config.vocab_size is None  # the config's model, as saved
+
+
+def test_a_saved_config_with_keys_that_moved_is_read_at_their_new_places(three_checkpoints: Path,
+                                                                           tmp_path: Path) -> None:
+    """A checkpoint written before eval_interval, eval_iters, sample_* and data.tokenizer_path moved keeps its
+    settings: they are read as eval.interval, eval.iters, eval.sample_* and tokenizer.path."""
+    import shutil
+
+    old = tmp_path / "step_00000003"
+    shutil.copytree(three_checkpoints / "checkpoints" / "step_00000003", old)
+    meta = json.loads((old / META).read_text())
+    config = meta["config"]
+    vocab = config["tokenizer"].pop("path")
+    config["data"]["tokenizer_path"] = vocab
+    moved = {"interval": 7, "iters": 3, "sample_prompt": "JULIET:", "sample_tokens": 5, "sample_temperature": 0.5,
+             "sample_top_k": 9}
+    for key, value in moved.items():
+        config["eval"].pop(key)
+        config[{"interval": "eval_interval", "iters": "eval_iters"}.get(key, key)] = value
+    (old / META).write_text(json.dumps(meta))
+    cfg = Checkpoint.open(old).train_config
+    assert cfg.tokenizer.path == vocab and vocab
+    assert {key: getattr(cfg.eval, key) for key in moved} == moved

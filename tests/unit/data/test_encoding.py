@@ -22,8 +22,8 @@ from tests.helpers import make_docs, split_tokens, text_cfg
 def test_pool_gives_same_files_as_one_process(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(E, "BATCH_CHARS", 2000)  # several tasks, so two workers really run
-    one = prepare_data(text_cfg(small_corpus_dir, tmp_path / "a", tiktoken_file))
-    two = prepare_data(text_cfg(small_corpus_dir, tmp_path / "b", tiktoken_file, num_proc=2))
+    one = prepare_data(text_cfg(small_corpus_dir, tmp_path / "a"))
+    two = prepare_data(text_cfg(small_corpus_dir, tmp_path / "b", num_proc=2))
     assert one.meta["key"] == two.meta["key"]
     for x, y in zip(split_tokens(one), split_tokens(two)):
         np.testing.assert_array_equal(x, y)

@@ -119,7 +119,7 @@ def test_a_shards_source_prepared_with_another_tokenizer_is_refused(tmp_path: Pa
                                     num_proc=1), tokenizer=TokenizerConfig(name="bpe", vocab_size=300,
                                                                            train_max_bytes=None))
     cfg = compose_train(["debug=cpu", "data=mix", f"data.cache_dir={tmp_path / 'c'}",
-                         f"data.tokenizer_path={tiktoken_file}",
+                         f"tokenizer.path={tiktoken_file}",
                          f"+data.sources={{text:{{name:text,path:'{small_corpus_dir}'}},"
                          f"theirs:{{name:shards,path:'{other.folder}/train_*.bin'}}}}"])
     with pytest.raises(UserError, match=r"was prepared with tokenizer hf-.* but this run uses tiktoken-gpt2"):
@@ -136,8 +136,8 @@ def test_a_two_source_mixture_trains_logs_each_source_and_resumes_bit_exactly(
             f"tokenizer.vocab_size={BPE.vocab_size}", f"tokenizer.train_max_bytes={BPE.train_max_bytes}",
             f"+data.sources={{books:{{name:shakespeare,weight:0.7}},"
             f"docs:{{name:text,path:'{small_corpus_dir}',weight:0.3}}}}", "total_batch_tokens=1024",
-            "micro_batch_size=8", "block_size=32", "max_steps=40", "eval_interval=20", "eval_iters=2",
-            "sample_tokens=0", "log_interval=10", "checkpoint.interval=20", "scheduler.warmup_steps=2"]
+            "micro_batch_size=8", "block_size=32", "max_steps=40", "eval.interval=20", "eval.iters=2",
+            "eval.sample_tokens=0", "log_interval=10", "checkpoint.interval=20", "scheduler.warmup_steps=2"]
     train(compose_train(args), tmp_path / "full")
     records = read_metrics(tmp_path / "full" / "metrics.jsonl")
     last = [r for r in records if "data/books/tokens" in r][-1]

@@ -24,7 +24,7 @@ from tests.helpers import EOT, REPO, data_cfg, make_docs, split_docs, split_toke
 
 def test_round_trip_document_split(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str) -> None:
     tok = get_tokenizer(tiktoken_file)
-    p = prepare_data(text_cfg(small_corpus_dir, tmp_path / "cache", tiktoken_file, val_fraction=0.1))
+    p = prepare_data(text_cfg(small_corpus_dir, tmp_path / "cache", val_fraction=0.1))
     train, val = split_tokens(p)
     assert (len(train), len(val)) == (p.n_train_tokens, p.n_val_tokens)
     assert p.meta["split"] == "documents" and p.meta["n_docs"] == 24 and p.meta["n_val_docs"] >= 1
@@ -44,7 +44,7 @@ def test_round_trip_token_split_and_long_document(tmp_path: Path, tiktoken_file:
     text = "".join(f"Line {i}:  x\n\n  y \nz\r\n{'é' * (i % 7)}\t\n" for i in range(400))
     (tmp_path / "one.txt").write_bytes(text.encode())
     monkeypatch.setattr(S, "PIECE_CHARS", 64)
-    p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", tiktoken_file, val_fraction=0.05))
+    p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", val_fraction=0.05))
     train, val = split_tokens(p)
     assert p.meta["split"] == "tokens" and p.n_val_tokens > 0
     assert p.n_val_tokens == int(np.ceil(0.05 * (len(train) + len(val))))
@@ -53,7 +53,7 @@ def test_round_trip_token_split_and_long_document(tmp_path: Path, tiktoken_file:
 
 
 def test_cache_reuse_and_invalidation(small_corpus_dir: Path, tmp_path: Path, tiktoken_file: str) -> None:
-    cfg = text_cfg(small_corpus_dir, tmp_path / "cache", tiktoken_file)
+    cfg = text_cfg(small_corpus_dir, tmp_path / "cache")
     first = prepare_data(cfg)
     files = first.train.paths + first.val.paths
     stamps = [os.stat(f).st_mtime_ns for f in files]
@@ -63,7 +63,7 @@ def test_cache_reuse_and_invalidation(small_corpus_dir: Path, tmp_path: Path, ti
     assert [os.stat(f).st_mtime_ns for f in files] == stamps  # not rewritten
     assert [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if p.is_dir()] == [first.meta["key"]]
 
-    other_split = prepare_data(text_cfg(small_corpus_dir, tmp_path / "cache", tiktoken_file, val_fraction=0.2))
+    other_split = prepare_data(text_cfg(small_corpus_dir, tmp_path / "cache", val_fraction=0.2))
     assert other_split.meta["key"] != first.meta["key"]
     with open(small_corpus_dir / "doc_03.txt", "a") as f:
         f.write("one more line\n")
@@ -81,8 +81,8 @@ def all_tokens(p) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-d
 def test_multi_shard_preparation_equals_single_shard(corpora: dict[str, Path], tmp_path: Path, tiktoken_file: str,
                                                     kind: str) -> None:
     tok = get_tokenizer(tiktoken_file)
-    one = prepare_data(data_cfg(kind, corpora[kind], tmp_path / "one", tiktoken_file))
-    many = prepare_data(data_cfg(kind, corpora[kind], tmp_path / "many", tiktoken_file, shard_tokens=997, num_proc=2,
+    one = prepare_data(data_cfg(kind, corpora[kind], tmp_path / "one"))
+    many = prepare_data(data_cfg(kind, corpora[kind], tmp_path / "many", shard_tokens=997, num_proc=2,
                                 streaming=kind != "text"))
     assert len(one.train.paths) == 1 and len(many.train.paths) >= 5
     for a, b in zip(all_tokens(one), all_tokens(many)):
@@ -98,8 +98,8 @@ def test_multi_shard_preparation_equals_single_shard(corpora: dict[str, Path], t
 
 
 def test_max_tokens_caps_the_corpus(corpora: dict[str, Path], tmp_path: Path, tiktoken_file: str) -> None:
-    full = prepare_data(data_cfg("text", corpora["text"], tmp_path / "a", tiktoken_file))
-    capped = prepare_data(data_cfg("text", corpora["text"], tmp_path / "b", tiktoken_file, max_tokens=3000))
+    full = prepare_data(data_cfg("text", corpora["text"], tmp_path / "a"))
+    capped = prepare_data(data_cfg("text", corpora["text"], tmp_path / "b", max_tokens=3000))
     assert capped.n_train_tokens + capped.n_val_tokens == 3000
     both = np.concatenate(all_tokens(full))
     assert capped.n_val_tokens > 0 and capped.meta["n_docs"] < full.meta["n_docs"]
@@ -116,7 +116,7 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing(corpora: dict[str, Path
 
     cache = tmp_path / "cache"
     cmd = [sys.executable, str(REPO / "run_prepare.py"), "data=text", f"data.path={corpora['text']}",
-           f"data.cache_dir={cache}", f"data.tokenizer_path={tiktoken_file}", "data.num_proc=1"]
+           f"data.cache_dir={cache}", f"tokenizer.path={tiktoken_file}", "data.num_proc=1"]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120, preexec_fn=limit)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out, out
@@ -133,7 +133,7 @@ def test_a_one_document_corpus_keeps_its_val_tokens_out_of_every_train_shard(tmp
     tok = get_tokenizer(tiktoken_file)
     text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(3000))
     (tmp_path / "one.txt").write_text(text)
-    p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", tiktoken_file, shard_tokens=9000))
+    p = prepare_data(text_cfg(tmp_path / "one.txt", tmp_path / "cache", shard_tokens=9000))
     folder = Path(p.folder)
     train_files = sorted(folder.glob("train_*.bin"))
     assert [Path(f).name for f in p.val.paths] == ["val_000000.bin"] and len(train_files) > 2

@@ -35,8 +35,8 @@ def test_llmc_and_npy_shards_load_and_train(tmp_path: Path, base_overrides: list
         np.save(d / f"edufineweb_train_{i:06d}.npy", rng.integers(0, 50257, 3000).astype(np.uint16))
     llmc_shard(d / "fineweb_val_000000.bin", rng.integers(0, 50257, 2000))
     common = [o for o in base_overrides if not o.startswith("data=")]
-    small = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=128", "max_steps=2", "eval_iters=1",
-             "sample_tokens=0", "scheduler.warmup_steps=0", "checkpoint.save_final=false"]
+    small = ["block_size=32", "micro_batch_size=4", "total_batch_tokens=128", "max_steps=2", "eval.iters=1",
+             "eval.sample_tokens=0", "scheduler.warmup_steps=0", "checkpoint.save_final=false"]
     for pattern, val_split in ((d / "fineweb_train_*.bin", "files"), (d / "edufineweb_train_*.npy", "tokens")):
         cfg = compose_train([*common, *small, "data=shards", f"data.path={pattern}"])
         prepared = prepare_data(cfg.data)
@@ -62,7 +62,7 @@ def test_bad_shards_are_clear_errors(tmp_path: Path, tiktoken_file: str, corpora
     check_vocab(TokenStream([tmp_path / "ok.bin"]), 50257)
 
     # A manifest naming a shard that is gone: an error, and nothing is rewritten.
-    cfg = data_cfg("text", corpora["text"], tmp_path / "cache", tiktoken_file, shard_tokens=2000)
+    cfg = data_cfg("text", corpora["text"], tmp_path / "cache", shard_tokens=2000)
     prepared = prepare_data(cfg)
     Path(prepared.train.paths[1]).unlink()
     manifest = (Path(prepared.folder) / "manifest.json").read_bytes()
@@ -86,8 +86,7 @@ def test_token_ids_beyond_the_vocabulary_are_one_error_naming_the_shard(suffix: 
             np.save(shards / f"{name}.npy", tokens)
         else:
             write_shard(shards / f"{name}.bin", tokens)
-    cfg = DataConfig(name="shards", path=str(shards / f"x_train_*{suffix}"), cache_dir=str(tmp_path / "cache"),
-                     tokenizer_path=tiktoken_file)
+    cfg = DataConfig(name="shards", path=str(shards / f"x_train_*{suffix}"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match=rf"x_train_000001\{suffix} holds token id 60000, but the tokenizer .* "
                                         rf"has n_vocab=50257"):
         prepare_data(cfg)
@@ -99,7 +98,6 @@ def test_token_ids_beyond_the_vocabulary_are_one_error_naming_the_shard(suffix: 
     else:
         write_shard(shards / "v.bin", bad)
     ok_train = DataConfig(name="shards", path=str(shards / f"x_train_000000{suffix}"),
-                          val_path=str(shards / f"v{suffix}"), cache_dir=str(tmp_path / "cache"),
-                          tokenizer_path=tiktoken_file)
+                          val_path=str(shards / f"v{suffix}"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(UserError, match=rf"v\{suffix} holds token id 60000"):
         prepare_data(ok_train)

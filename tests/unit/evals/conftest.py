@@ -24,10 +24,10 @@ def hellaswag_run(tmp_path_factory: pytest.TempPathFactory, gpt2_cache: Path, ti
         (corpus / f"doc{i:02d}.txt").write_text(" ".join(words) + "\n", encoding="utf-8")
     items_path = write_jsonl(root / "items.jsonl", predictable_items(200, seed=1))
     overrides = ["model=tiny", "data=text", f"data.path={corpus}", f"data.cache_dir={root / 'cache'}",
-                 f"data.tokenizer_path={tiktoken_file}", "data.num_proc=1", "logger=none", "progress_bar=false",
+                 f"tokenizer.path={tiktoken_file}", "data.num_proc=1", "logger=none", "progress_bar=false",
                  "device=cpu", "precision=fp32", "block_size=32", "micro_batch_size=8", "total_batch_tokens=256",
-                 "max_steps=30", "eval_interval=0", "eval.hellaswag_interval=30", f"eval.hellaswag.path={items_path}",
-                 "optimizer.lr=1e-2", "scheduler.warmup_steps=3", "sample_tokens=0", "log_interval=10"]
+                 "max_steps=30", "eval.interval=0", "eval.hellaswag_interval=30", f"eval.hellaswag.path={items_path}",
+                 "optimizer.lr=1e-2", "scheduler.warmup_steps=3", "eval.sample_tokens=0", "log_interval=10"]
     run_dir = root / "run"
     train(compose_train(overrides), run_dir)
     return {"run_dir": run_dir, "items": items_path, "metrics": read_metrics(run_dir / "metrics.jsonl")}

@@ -181,7 +181,7 @@ def test_run_eval_prints_lm_evals_table_and_writes_its_results(exported: dict, c
     out = tmp_path / "res.json"
     proc = run_eval_cli([f"checkpoint={exported['run']}", "tasks=[lm_eval:tiny_mc,lm_eval:tiny_ppl]",
                          f"lm_eval.include_path={exported['tasks']}", "lm_eval.num_fewshot=2",
-                         "+lm_eval.args.bootstrap_iters=0", f"tokenizer_path={exported['tiktoken']}",
+                         "+lm_eval.args.bootstrap_iters=0", f"tokenizer.path={exported['tiktoken']}",
                          "device=cpu", "dtype=fp32", "batch_size=5", f"output_file={out}"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"\|\s*Tasks\s*\|Version\|Filter\|n-shot\|\s*Metric", proc.stdout), proc.stdout
@@ -201,7 +201,7 @@ def test_two_gloo_ranks_give_the_single_process_numbers(exported: dict, compared
     out = tmp_path / "res.json"
     proc = run_eval_cli([f"checkpoint={exported['run']}", "tasks=[lm_eval:tiny_mc,lm_eval:tiny_ppl,lm_eval:tiny_gen]",
                          f"lm_eval.include_path={exported['tasks']}", "+lm_eval.args.bootstrap_iters=0",
-                         f"tokenizer_path={exported['tiktoken']}", "device=cpu", "dtype=fp32", "batch_size=5",
+                         f"tokenizer.path={exported['tiktoken']}", "device=cpu", "dtype=fp32", "batch_size=5",
                          f"output_file={out}"], tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("|tiny_mc") == 1  # rank 0 prints
@@ -259,7 +259,7 @@ def test_fsdp_training_logs_lm_eval_metrics_at_its_evaluations(exported: dict, b
     from gpt2.checkpoint.handle import load_for_inference
 
     overrides = [*base_overrides, "max_steps=2", "block_size=32", "micro_batch_size=4", "total_batch_tokens=256",
-                 "eval_interval=0", "eval.val_tokens=2048", "sample_tokens=0", "distributed=fsdp",
+                 "eval.interval=0", "eval.val_tokens=2048", "eval.sample_tokens=0", "distributed=fsdp",
                  "eval.lm_eval_tasks=[tiny_mc,tiny_ppl,tiny_gen]", "eval.lm_eval_interval=2",
                  "eval.lm_eval_limit=9", f"eval.lm_eval.include_path={exported['tasks']}"]  # 9: 5 and 4 per rank
     run_dir = run_torchrun(overrides, tmp_path).run_dir
@@ -350,7 +350,7 @@ def test_our_bpe_scores_as_the_hf_backend_scores_its_export(exported: dict, bpe_
     from tests.helpers import bpe_overrides, compose_train
 
     run = tmp_path / "run"
-    train(compose_train(bpe_overrides(bpe_cache, "max_steps=2", "sample_tokens=0")), run)
+    train(compose_train(bpe_overrides(bpe_cache, "max_steps=2", "eval.sample_tokens=0")), run)
     export_checkpoint(run, tmp_path / "hf")
     cfg = LMEvalConfig(include_path=str(exported["tasks"]), args={"log_samples": True, "bootstrap_iters": 0})
     model, tok, _ = load_for_inference(str(run), None, None)

@@ -53,7 +53,7 @@ def test_run_eval_bad_hellaswag_input_exits_2(hellaswag_run: dict, tmp_path: Pat
 
 
 def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, tiktoken_file: str) -> None:
-    from gpt2.config import EvalRunConfig, HellaSwagConfig
+    from gpt2.config import EvalRunConfig, HellaSwagConfig, VocabFileConfig
     from gpt2.evals.runner import run_evals
     from gpt2.model.hf import export_hf
     from gpt2.tokenizers.gpt2 import get_tokenizer
@@ -64,7 +64,7 @@ def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, t
     items = write_jsonl(tmp_path / "hs.jsonl", tricky_items(12, seed=2))
     cfg = EvalRunConfig(pretrained=str(tmp_path / "hf"), tasks=["hellaswag"], device="cpu", dtype="fp32",
                         batch_size=4, limit=10, hellaswag=HellaSwagConfig(path=str(items)),
-                        tokenizer_path=tiktoken_file, output_file=str(tmp_path / "out" / "res.json"))
+                        tokenizer=VocabFileConfig(path=tiktoken_file), output_file=str(tmp_path / "out" / "res.json"))
     table = io.StringIO()
     payload = run_evals(cfg, out=table)
     assert re.search(r"hellaswag\s+acc_norm\s+[0-9.]+\s+10\s+[0-9.]+", table.getvalue()), table.getvalue()
@@ -80,7 +80,7 @@ def test_run_evals_on_a_pretrained_dir_scores_like_the_library(tmp_path: Path, t
 @pytest.mark.slow
 def test_run_eval_scores_the_whole_small_split_unless_asked_for_the_training_windows(
         tmp_path: Path, base_overrides: list[str]) -> None:
-    """A quickstart-like run logs its val loss on eval_iters batches only; run_eval.py, where people go for the
+    """A quickstart-like run logs its val loss on eval.iters batches only; run_eval.py, where people go for the
     real number, scores the whole split (val_tokens rule), and the logged windows only with match_training."""
     import io
 
@@ -91,8 +91,8 @@ def test_run_eval_scores_the_whole_small_split_unless_asked_for_the_training_win
     from tests.helpers import compose_train
 
     run = tmp_path / "run"
-    train(compose_train([*base_overrides, "max_steps=2", "eval_interval=0", "eval_iters=3", "micro_batch_size=4",
-                         "block_size=64", "total_batch_tokens=256", "sample_tokens=0"]), run)
+    train(compose_train([*base_overrides, "max_steps=2", "eval.interval=0", "eval.iters=3", "micro_batch_size=4",
+                         "block_size=64", "total_batch_tokens=256", "eval.sample_tokens=0"]), run)
     logged = [r for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r][-1]
     assert logged["val/tokens"] == 3 * 4 * 64
     whole = run_evals(EvalRunConfig(checkpoint=str(run), tasks=["val_loss"], device="cpu"), io.StringIO())

@@ -103,7 +103,7 @@ def _trainer(tmp_path: Path, val_path: Path, model: GPT, overrides: list[str]) -
 
     cfg: TrainConfig = compose_train(["model=tiny", "model.n_positions=64", "block_size=32", "micro_batch_size=4",
                                       "total_batch_tokens=128", "device=cpu", "precision=fp32", "logger=none",
-                                      "sample_tokens=0", "progress_bar=false", *overrides])
+                                      "eval.sample_tokens=0", "progress_bar=false", *overrides])
     loader = TokenLoader(TokenStream([val_path]), cfg.micro_batch_size, cfg.block_size, shuffle=False)
     return tiny_trainer(cfg, tmp_path, model, (loader, loader))
 

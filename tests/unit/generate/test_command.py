@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2.config import GenerateConfig
+from gpt2.config import GenerateConfig, VocabFileConfig
 from gpt2.errors import UserError
 from gpt2.generate.command import _Streamer, generate_samples
 
@@ -37,7 +37,8 @@ def test_generate_samples_seed_stream_and_crop(tiny_hf_dir: Path, ranks_file: st
     """The body of run_generate.py, called in-process."""
     def run(**kw) -> tuple[list[str], str]:
         kw = {"prompt": "Hello world", "max_new_tokens": 24, **kw}
-        cfg = GenerateConfig(pretrained=str(tiny_hf_dir), tokenizer_path=ranks_file, device="cpu", num_samples=2, **kw)
+        cfg = GenerateConfig(pretrained=str(tiny_hf_dir), tokenizer=VocabFileConfig(path=ranks_file), device="cpu",
+                             num_samples=2, **kw)
         out = io.StringIO()
         return generate_samples(cfg, out), out.getvalue()
 

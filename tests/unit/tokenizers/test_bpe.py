@@ -122,7 +122,7 @@ def test_vocab_above_65535_stores_uint32_and_trains(bpe_tok: HFTokenizer, bpe_ca
     args = ["model=tiny", "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
             "data.num_proc=1", "tokenizer=file", f"tokenizer.path={path}", "logger=none", "progress_bar=false",
             "device=cpu", "precision=fp32", "total_batch_tokens=256", "micro_batch_size=4", "block_size=64",
-            "max_steps=2", "eval_interval=0", "eval_iters=1", "sample_tokens=4"]
+            "max_steps=2", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=4"]
     cfg = compose_train(args)
     prepared = prepare_data(cfg.data, tokenizer=cfg.tokenizer)
     train_ids = np.asarray(prepared.stream("train")[: len(prepared.stream("train"))])
@@ -138,15 +138,15 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_generate_refuses_a_ranks_file_for_a_bpe_checkpoint(bpe_cache: Path, tmp_path: Path,
+def test_generate_refuses_a_gpt2_vocabulary_file_for_a_bpe_checkpoint(bpe_cache: Path, tmp_path: Path,
                                                             tiktoken_file: str) -> None:
     run = tmp_path / "run"
-    train(compose_train(bpe_overrides(bpe_cache, "max_steps=1", "eval_iters=1")), run)
+    train(compose_train(bpe_overrides(bpe_cache, "max_steps=1", "eval.iters=1")), run)
     meta_tok = json.loads((find_latest(run) / "meta.json").read_text())["tokenizer"]
     assert meta_tok["kind"] == "hf"
-    line = one_error_line(run_entry("run_generate.py", [f"checkpoint={run}", f"tokenizer_path={tiktoken_file}",
+    line = one_error_line(run_entry("run_generate.py", [f"checkpoint={run}", f"tokenizer.path={tiktoken_file}",
                                                       "device=cpu", "max_new_tokens=2"], tmp_path))
-    assert "GPT-2 ranks file" in line and TOKENIZER_FILE in line
+    assert "GPT-2 vocabulary file" in line and TOKENIZER_FILE in line
     # resuming the BPE checkpoint with GPT-2's tokenizer: refused before anything is prepared
     line = one_error_line(run_entry("run_train.py", [*bpe_overrides(bpe_cache, "max_steps=2", f"resume={run}"),
                                                    "tokenizer=gpt2"], tmp_path))

@@ -109,7 +109,7 @@ def test_nothing_available_explains_the_three_ways(isolated_env: Path, tmp_path:
     with pytest.raises(UserError) as info:
         get_tokenizer(cache_dir=str(tmp_path / "empty-cache"))
     msg = str(info.value)
-    assert "data.tokenizer_path" in msg and "GPT2_TIKTOKEN_FILE" in msg
+    assert "tokenizer.path" in msg and "GPT2_TIKTOKEN_FILE" in msg
     assert "pip download --no-deps --no-binary :all: openai-whisper==20250625" in msg
     assert "network" in msg
     assert not (tmp_path / "empty-cache" / "tokenizer" / "gpt2.tiktoken").exists()

@@ -18,7 +18,7 @@ from tests.helpers import CPU, compose_train
 
 
 def evaluator(overrides: list[str], splits: list[ValSplit] | None = None) -> Evaluator:
-    cfg = compose_train(["debug=cpu", "block_size=32", "eval_iters=0", *overrides])
+    cfg = compose_train(["debug=cpu", "block_size=32", "eval.iters=0", *overrides])
     torch.manual_seed(0)
     model = GPT(replace(cfg.model, vocab_size=256, n_positions=32))
     return Evaluator(cfg, model, splits or [], batch_size=4, device=CPU, autocast=contextlib.nullcontext)
@@ -30,7 +30,7 @@ def evaluator(overrides: list[str], splits: list[ValSplit] | None = None) -> Eva
     (0, 5, {5, 10}, {5, 10, 12}),  # HellaSwag alone still brings the val loss with it, and the final one
 ])
 def test_cadences(val_every: int, hellaswag_every: int, due: set[int], with_hellaswag: set[int]) -> None:
-    ev = evaluator(["max_steps=12", f"eval_interval={val_every}", f"eval.hellaswag_interval={hellaswag_every}"])
+    ev = evaluator(["max_steps=12", f"eval.interval={val_every}", f"eval.hellaswag_interval={hellaswag_every}"])
     assert ev.periodic()
     assert {s for s in range(13) if ev.due(s)} - {0} == due
     assert {s for s in range(1, 13) if ev.extras(s)[0]} == with_hellaswag
@@ -38,7 +38,7 @@ def test_cadences(val_every: int, hellaswag_every: int, due: set[int], with_hell
 
 
 def test_no_periodic_evaluation() -> None:
-    ev = evaluator(["max_steps=12", "eval_interval=0", "eval.hellaswag_interval=0"])
+    ev = evaluator(["max_steps=12", "eval.interval=0", "eval.hellaswag_interval=0"])
     assert not ev.periodic() and not any(ev.due(s) for s in range(13)) and ev.extras(12) == (False, False)
 
 

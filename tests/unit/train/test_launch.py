@@ -13,7 +13,7 @@ from tests.helpers import TINY_RUN, compose_train, losses
 
 @pytest.mark.slow
 def test_tiny_model_learns_shakespeare(tmp_path: Path, base_overrides: list[str]) -> None:
-    cfg = compose_train([*base_overrides, "max_steps=50", "eval_interval=25", "eval_iters=4", "optimizer.lr=3e-3",
+    cfg = compose_train([*base_overrides, "max_steps=50", "eval.interval=25", "eval.iters=4", "optimizer.lr=3e-3",
                          "scheduler.warmup_steps=5", "total_batch_tokens=1024", "micro_batch_size=8",
                          "block_size=64"])
     final = train(cfg, tmp_path)

@@ -63,7 +63,7 @@ def test_muon_trains_checkpoints_and_resumes_bit_exactly(tmp_path: Path, base_ov
     from gpt2.train.metrics import read_metrics
 
     args = [*base_overrides, "optimizer=muon", "optimizer.muon_lr=0.05", "optimizer.lr=3e-3", "total_batch_tokens=512",
-            "micro_batch_size=4", "block_size=64", "eval_interval=0", "eval_iters=1", "sample_tokens=0",
+            "micro_batch_size=4", "block_size=64", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=0",
             "log_interval=1", "scheduler.warmup_steps=0", "checkpoint.interval=3"]
     train(compose_train([*args, "max_steps=6"]), tmp_path / "full")
     train(compose_train([*args, "max_steps=6", f"resume={tmp_path / 'full' / 'checkpoints' / 'step_00000003'}"]),

@@ -29,7 +29,7 @@ def test_config_is_not_mutated_and_the_plan_is_saved(tmp_path: Path, base_overri
 
 
     cfg = compose_train([*base_overrides, *TINY_RUN, "micro_batch_size=8", "precision=auto", "max_steps=2",
-                         "eval_interval=0"])
+                         "eval.interval=0"])
     before = copy.deepcopy(cfg)
     train(cfg, tmp_path)
     assert cfg == before  # precision stays "auto", the model stays the composed one
@@ -85,7 +85,7 @@ def test_resume_and_pretrained_define_the_architecture_before_the_tokenizer_is_r
     from gpt2.train.plan import resolve_plan
     from tests.helpers import cpu_ranks
 
-    args = [*base_overrides, "max_steps=1", "eval_interval=0", "eval_iters=1", "sample_tokens=0",
+    args = [*base_overrides, "max_steps=1", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=0",
             "total_batch_tokens=256", "micro_batch_size=2", "block_size=128"]
     train(compose_train(args), tmp_path / "run")
     ckpt = Checkpoint.open(tmp_path / "run")

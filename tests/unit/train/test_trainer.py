@@ -104,9 +104,9 @@ def test_eval_sample_uses_the_configured_temperature_and_top_k(tmp_path: Path, b
 
     tok = get_tokenizer(tiktoken_file)
     texts = {}
-    for name, args in {"greedy": ["sample_temperature=0"], "top1": ["sample_temperature=5.0", "sample_top_k=1"],
-                       "default": []}.items():
-        cfg = compose_train([*base_overrides, *TINY_RUN, "micro_batch_size=8", "sample_tokens=12", *args])
+    for name, args in {"greedy": ["eval.sample_temperature=0"],
+                       "top1": ["eval.sample_temperature=5.0", "eval.sample_top_k=1"], "default": []}.items():
+        cfg = compose_train([*base_overrides, *TINY_RUN, "micro_batch_size=8", "eval.sample_tokens=12", *args])
         trainer = make_trainer(cfg, tmp_path / name)
         trainer.tokenizer = tok
         texts[name] = trainer.sample()
