@@ -533,8 +533,8 @@ class BudgetConfig:
     """The GPU to estimate the time on (a name of the peak-FLOPs table, e.g. H100); null = the detected one."""
     gpus: int | None = None
     """How many GPUs the estimate assumes; null = the ranks this process was launched with."""
-    mfu: float = 0.4
-    """The model FLOPs utilisation the estimate assumes (run_train.py measured 38% on an H200)."""
+    mfu: float = 0.45
+    """The MFU the estimate assumes (run_train.py measured 45% on one H200: benchmarks/RESULTS.md, GPU suite)."""
 
     def check(self) -> None:
         _require(self.gpus is None or self.gpus > 0, f"budget.gpus={self.gpus} must be > 0, or null for the ranks.")
