@@ -1,4 +1,4 @@
-"""Train a GPT-2 model: `python run_train.py [overrides]` (see README and conf/train.yaml).
+"""Train a GPT-2 model: `python run_train.py [overrides]` (see docs/training.md and conf/train.yaml).
 
 A thin Hydra entry point: it converts the composed config to a typed `TrainConfig`, validates it, and calls
 `gpt2.train.launch.train` (or prints the dry run). The Hydra glue it uses lives in gpt2.cli.

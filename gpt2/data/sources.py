@@ -1,5 +1,5 @@
 """Corpora as streams of documents: the demo corpus, local text files, 🤗 datasets (hub or local
-json/jsonl/parquet/csv files, optionally streamed). Nothing here tokenizes (see gpt2/data.py).
+json/jsonl/parquet/csv files, optionally streamed). Nothing here tokenizes (see gpt2/data/preprocess.py).
 
 A `Source` yields documents in a fixed order, each as an iterator of text pieces (long files
 are read in pieces cut where GPT-2's pre-tokenizer always splits, so memory stays flat), and a

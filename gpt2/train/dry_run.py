@@ -75,7 +75,7 @@ def compute_budget(cfg: TrainConfig, tokens_per_step: int, flops_per_token: floa
 
 
 def budget_line(b: dict[str, Any]) -> str:
-    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.75 h on 8×H100 at 40% MFU; ..."."""
+    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.67 h on 8×H100 at 45% MFU; ..."."""
     head = f"{b['tokens'] / 1e9:.1f}B tokens" if b["tokens"] >= 1e8 else f"{b['tokens']:,} tokens"
     head += f", {b['flops']:.3g}".replace("e+", "e") + " FLOPs (6N + attention)"
     if b["hours"] is not None:

@@ -1,6 +1,6 @@
 """Bad inputs, each through the real entry point (run_train.py, run_prepare.py, run_generate.py, run_eval.py,
 run_export.py): exit code 2, exactly one `error:` line that names the value and the fix, no traceback, and
-every file that was there before is byte-for-byte unchanged. The README's reliability table lists these."""
+every file that was there before is byte-for-byte unchanged. docs/reliability.md lists these."""
 
 from __future__ import annotations
 
