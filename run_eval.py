@@ -1,5 +1,5 @@
 """Evaluate a trained or pretrained GPT-2: `python run_eval.py checkpoint=RUN_DIR tasks=[val_loss,hellaswag]` or
-`python run_eval.py pretrained=gpt2 tasks=[hellaswag]` (see conf/eval.yaml for every option); under `torchrun`
+`python run_eval.py pretrained=gpt2 tasks=[hellaswag]` (see gpt2/conf/eval.yaml for every option); under `torchrun`
 the items are split over the ranks.
 
 A thin Hydra entry point: it converts the composed config to a typed `EvalRunConfig` and calls
@@ -17,7 +17,7 @@ from gpt2.config import EvalRunConfig
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="gpt2/conf", config_name="eval")
 def main(dcfg: DictConfig) -> None:
     with reported_errors():
         cfg: EvalRunConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]

@@ -1,5 +1,5 @@
 """Sample from a trained or pretrained GPT-2: `python run_generate.py checkpoint=RUN_DIR prompt="..."` or
-`python run_generate.py pretrained=gpt2` (see conf/generate.yaml for every option).
+`python run_generate.py pretrained=gpt2` (see gpt2/conf/generate.yaml for every option).
 
 A thin Hydra entry point: it converts the composed config to a typed `GenerateConfig` and calls
 `gpt2.generate.command.generate_samples`. It writes nothing to disk (no outputs/ run dir, no .hydra/, no log).
@@ -16,7 +16,7 @@ from gpt2.config import GenerateConfig
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="gpt2/conf", config_name="generate")
 def main(dcfg: DictConfig) -> None:
     with reported_errors():
         cfg: GenerateConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]

@@ -1,6 +1,6 @@
 """Tokenize a corpus into token shards before training: `python run_prepare.py data=... [data.*=...]`.
 
-Takes the same config (conf/train.yaml, the same `data=` and `experiment=` overrides) as
+Takes the same config (gpt2/conf/train.yaml, the same `data=` and `experiment=` overrides) as
 run_train.py, which would prepare the same shards itself when they are missing; running this
 first lets a long preparation (e.g. `experiment=gpt2_124m_fineweb`) happen once, on a CPU node,
 resumably (kill it and rerun: it continues at the last saved document). Writes nothing but the

@@ -1,4 +1,4 @@
-"""Train a GPT-2 model: `python run_train.py [overrides]` (see docs/training.md and conf/train.yaml).
+"""Train a GPT-2 model: `python run_train.py [overrides]` (see docs/training.md and gpt2/conf/train.yaml).
 
 A thin Hydra entry point: it converts the composed config to a typed `TrainConfig`, validates it, and calls
 `gpt2.train.launch.train` (or prints the dry run). The Hydra glue it uses lives in gpt2.cli.
@@ -31,7 +31,7 @@ from gpt2.runtime.world import is_main, rank_and_world
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="gpt2/conf", config_name="train")
 def main(dcfg: DictConfig) -> float:
     try:
         return _main(dcfg)

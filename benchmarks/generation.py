@@ -79,7 +79,7 @@ def variants(ours: GPT, hf: Any, precision: str, new_tokens: int, autocast: bool
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2", help="conf/model preset (default gpt2 = 124M)")
+    p.add_argument("--preset", default="gpt2", help="gpt2/conf/model preset (default gpt2 = 124M)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--reps", type=int, default=2, help="timed calls per variant after one warm-up call")

@@ -44,7 +44,7 @@ def synthetic_items(n: int, vocab: int, seed: int = 0) -> list[hellaswag.Rendere
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2", help="conf/model preset (default gpt2 = 124M)")
+    p.add_argument("--preset", default="gpt2", help="gpt2/conf/model preset (default gpt2 = 124M)")
     p.add_argument("--items", type=int, default=24, help="items per timed run (10042 = the full set)")
     p.add_argument("--batch-sizes", default="8", help="comma-separated items per forward (4 rows each)")
     p.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16, fp16 (autocast; weights stay fp32)")

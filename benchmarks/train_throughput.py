@@ -44,7 +44,7 @@ from gpt2.train.trainer import Trainer
 @dataclass(frozen=True)
 class Shape:
     preset: str
-    """conf/model/<preset>.yaml gives the architecture."""
+    """gpt2/conf/model/<preset>.yaml gives the architecture."""
     batch: int
     seq: int
     warmup: int

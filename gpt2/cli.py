@@ -34,7 +34,8 @@ from gpt2.errors import ConfigError, UserError
 from gpt2.runtime import world
 from gpt2.utils.fs import RUN_FILES, check_writable, first_missing, remove_tree, symlink_refusal
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+"""The Hydra config tree, shipped inside the package (gpt2/conf/)."""
 HYDRA_FILES = {".hydra", "train.log", "generate.log", "eval.log"}
 """Files Hydra writes into a run directory before the task starts: a directory holding nothing else was
 never used by a run."""
@@ -42,7 +43,7 @@ STAMP_ENV = "GPT2_RUN_STAMP"
 GROUPS = {"model": C.ModelConfig, "optimizer": C.OptimizerConfig, "scheduler": C.SchedulerConfig,
           "precision": C.PrecisionConfig, "distributed": C.DistributedConfig, "data": C.DataConfig,
           "tokenizer": C.TokenizerConfig, "logger": C.LoggerConfig}
-"""The config groups (folders of conf/) whose files are typed by a dataclass (`base_<group>`)."""
+"""The config groups (folders of gpt2/conf/) whose files are typed by a dataclass (`base_<group>`)."""
 
 
 # ------------------------------------------------------------------ schemas
@@ -185,7 +186,7 @@ def schema_keys(cls: type, prefix: str = "") -> list[str]:
 
 
 def conf_groups() -> set[str]:
-    """The config group names (folders of conf/): `model=tiny` selects a group, it is not a key."""
+    """The config group names (folders of gpt2/conf/): `model=tiny` selects a group, it is not a key."""
     return {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
 
 
@@ -274,7 +275,7 @@ def _prepare_dir(key: str, config: DictConfig) -> None:
 class RunDirCheck(Callback):
     """Creates and test-writes `hydra.run.dir` (or `hydra.sweep.dir`) before Hydra does, so that an
     unwritable, read-only or impossible path (e.g. under /proc) is one `error:` line and exit 2 instead of
-    Hydra's traceback. Listed under `hydra.callbacks` in conf/train.yaml."""
+    Hydra's traceback. Listed under `hydra.callbacks` in gpt2/conf/train.yaml."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         _prepare_dir("hydra.run.dir", config)

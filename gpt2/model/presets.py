@@ -1,4 +1,4 @@
-"""Model presets. conf/model/<name>.yaml is the one source: Hydra composes it for training, and
+"""Model presets. gpt2/conf/model/<name>.yaml is the one source: Hydra composes it for training, and
 everything else (generation, pretrained import, benchmarks, tests) reads the same files here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from gpt2.config import ModelConfig
 from gpt2.errors import ConfigError
 from gpt2.utils.serialize import from_dict
 
-MODEL_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+MODEL_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 """Presets that load_pretrained can fetch from the Hugging Face Hub (their weights exist there)."""
 
@@ -37,7 +37,7 @@ GPT2_VOCAB = 50257
 
 
 def model_preset(name: str, vocab_size: int | None = GPT2_VOCAB) -> ModelConfig:
-    """The ModelConfig of conf/model/<name>.yaml (a fresh copy), its null vocab_size set to `vocab_size`
+    """The ModelConfig of gpt2/conf/model/<name>.yaml (a fresh copy), its null vocab_size set to `vocab_size`
     (GPT-2's by default; None keeps it null, as Hydra composes it); ConfigError listing the presets on a miss."""
     presets = _presets()
     if name not in presets:

@@ -25,7 +25,7 @@ def group_options(group: str) -> list[str]:
 )
 def test_every_group_option_composes_and_validates(group: str) -> None:
     options = group_options(group)
-    assert options, f"conf/{group} is empty"
+    assert options, f"gpt2/conf/{group} is empty"
     for option in options:
         overrides = [f"{group}={option}"]
         if group == "data" and option in ("text", "hf", "shards"):
@@ -107,9 +107,9 @@ def _field_docs() -> dict[tuple[str, str], str]:
 def _yaml_files() -> list[tuple[Path, type]]:
     from gpt2.cli import GROUPS
 
-    files = [(f, cls) for group, cls in GROUPS.items() for f in sorted((REPO / "conf" / group).glob("*.yaml"))]
-    return files + [(REPO / "conf" / "train.yaml", C.TrainConfig), (REPO / "conf" / "generate.yaml", C.GenerateConfig),
-                    (REPO / "conf" / "eval.yaml", C.EvalRunConfig)]
+    files = [(f, cls) for group, cls in GROUPS.items() for f in sorted((CONF / group).glob("*.yaml"))]
+    return files + [(CONF / "train.yaml", C.TrainConfig), (CONF / "generate.yaml", C.GenerateConfig),
+                    (CONF / "eval.yaml", C.EvalRunConfig)]
 
 
 @pytest.mark.parametrize("path,cls", _yaml_files(), ids=lambda x: x.name if isinstance(x, Path) else "")

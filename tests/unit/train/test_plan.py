@@ -12,7 +12,7 @@ import pytest
 from gpt2.checkpoint.format import read_meta
 from gpt2.errors import ConfigError, UserError
 from gpt2.train.launch import train
-from tests.helpers import REPO, TINY_RUN, bpe_overrides, compose_train, run_train_cli, subprocess_env
+from tests.helpers import CONF, REPO, TINY_RUN, bpe_overrides, compose_train, run_train_cli, subprocess_env
 
 
 def test_dry_run_plans_the_tokenizer_vocabulary(tmp_path: Path, bpe_cache: Path) -> None:
@@ -101,7 +101,7 @@ def test_resume_and_pretrained_define_the_architecture_before_the_tokenizer_is_r
         resolve_plan(compose_train([*args, "init.pretrained=gpt2"]), cpu_ranks(), lambda: (512, "hf"), None, None)
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_the_dry_run_of_every_shipped_experiment_works_offline(experiment: str, tmp_path: Path) -> None:
     from gpt2.train.dry_run import dry_run
 
