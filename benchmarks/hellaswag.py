@@ -4,7 +4,7 @@ validation set.
 
 Without --path the items are synthetic token rows shaped like HellaSwag validation items (context
 20-80 tokens, endings 10-40 tokens; no tokenizer needed); with --path the real jsonl is read and
-rendered (needs the GPT-2 ranks file). Accuracy of random weights is meaningless; only speed counts.
+rendered (needs GPT-2's vocabulary file). Accuracy of random weights is meaningless; only speed counts.
 
     python benchmarks/hellaswag.py                                   # CPU, 124M, fp32 and bf16
     python benchmarks/hellaswag.py --device cuda --precisions bf16 --items 10042 --batch-sizes 64

@@ -211,13 +211,13 @@ def prep_corpus(name: str, out_dir: Path, target_mb: float, cache_dir: str) -> t
     return n_files, n_bytes
 
 
-def prep_worker(kind: str, corpus: str, ranks: str, bpe_json: str, num_proc: int) -> dict[str, Any]:
+def prep_worker(kind: str, corpus: str, gpt2_vocab_file: str, bpe_json: str, num_proc: int) -> dict[str, Any]:
     """One prepare_data run into a fresh cache dir (run in its own process; the encoder choice comes from the
     environment): seconds, text tokens, and the sha256 of the shards."""
     from gpt2.config import DataConfig, TokenizerConfig
     from gpt2.data.preprocess import prepare_data
 
-    tcfg = TokenizerConfig(path=ranks) if kind == "gpt2" else TokenizerConfig(name="file", path=bpe_json)
+    tcfg = TokenizerConfig(path=gpt2_vocab_file) if kind == "gpt2" else TokenizerConfig(name="file", path=bpe_json)
     with tempfile.TemporaryDirectory(prefix="bench-tok-prep-") as cache:
         cfg = DataConfig(name="text", path=corpus, cache_dir=cache, num_proc=num_proc)
         t0 = time.perf_counter()
@@ -233,7 +233,7 @@ def prep_worker(kind: str, corpus: str, ranks: str, bpe_json: str, num_proc: int
 
 
 def run_prep(name: str, target_mb: float, vocab: int, reps: int, num_proc: int, cache_dir: str,
-             ranks: str) -> list[dict]:
+             gpt2_vocab_file: str) -> list[dict]:
     """prepare_data throughput for PREP_KINDS on one corpus (medians of `reps` alternating runs)."""
     root = Path(tempfile.mkdtemp(prefix="bench-tok-corpus-"))
     try:
@@ -247,8 +247,8 @@ def run_prep(name: str, target_mb: float, vocab: int, reps: int, num_proc: int, 
         for _ in range(reps):
             for kind in PREP_KINDS:  # alternate, so load changes hit all three alike
                 env = {**os.environ, ENCODER_ENV: "tokenizers" if kind == "bpe-tokenizers" else "auto"}
-                cmd = [sys.executable, __file__, "--prep-worker", kind, "--corpus", str(corpus), "--ranks", ranks,
-                       "--bpe-json", str(bpe_json), "--num-proc", str(num_proc)]
+                cmd = [sys.executable, __file__, "--prep-worker", kind, "--corpus", str(corpus),
+                       "--gpt2-vocab-file", gpt2_vocab_file, "--bpe-json", str(bpe_json), "--num-proc", str(num_proc)]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if res.returncode != 0:
                     raise SystemExit(f"prep worker {kind} failed:\n{res.stderr[-3000:]}")
@@ -299,16 +299,18 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/tokenizer.json")
     parser.add_argument("--prep-worker", choices=PREP_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
-    parser.add_argument("--ranks", help=argparse.SUPPRESS)
+    parser.add_argument("--gpt2-vocab-file", help=argparse.SUPPRESS)
     parser.add_argument("--bpe-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     if args.prep_worker:
-        print(json.dumps(prep_worker(args.prep_worker, args.corpus, args.ranks, args.bpe_json, args.num_proc)))
+        print(json.dumps(prep_worker(args.prep_worker, args.corpus, args.gpt2_vocab_file, args.bpe_json,
+                                     args.num_proc)))
         return
     gpt2 = get_tokenizer(cache_dir=args.cache_dir)
     if gpt2.source is None and args.prep_mb > 0:
-        raise SystemExit("the GPT-2 ranks file is not available offline; run gpt2.tokenizers.gpt2.fetch_ranks_file().")
+        raise SystemExit("GPT-2's vocabulary file is not available offline; "
+                         "run gpt2.tokenizers.gpt2.fetch_vocab_file().")
     rows = run_corpus("shakespeare", shakespeare_docs(args.cache_dir), args.vocabs, args.held_out, gpt2)
     if args.code_mb > 0:
         rows += run_corpus("python stdlib", code_docs(args.code_mb), args.vocabs, args.held_out, gpt2)

@@ -1,6 +1,6 @@
 """Shared fixtures, the `cuda` marker and strict mode.
 
-Downloads (the tokenizer ranks file, the demo corpus) happen at most once per machine, into
+Downloads (GPT-2's vocabulary file, the demo corpus) happen at most once per machine, into
 ``$GPT2_TEST_CACHE`` (default ``~/.cache/gpt2``, the project's own cache layout), and are reused by
 later sessions. Everything a test writes besides that goes under pytest's tmp_path.
 
@@ -60,21 +60,21 @@ def gpt2_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def tiktoken_file(gpt2_cache: Path) -> str:
-    """Path to the GPT-2 ranks file (gpt2.tiktoken, sha256-checked).
+    """Path to GPT-2's vocabulary file (gpt2.tiktoken, sha256-checked).
 
     Uses $GPT2_TIKTOKEN_FILE when set, else ``<gpt2_cache>/tokenizer/gpt2.tiktoken``, extracted once
     from the openai-whisper sdist via ``pip download``. Skips the test when neither is possible.
     Pass it as ``tokenizer.path`` / ``get_tokenizer(path)`` so nothing else is looked up; every test also
     sees it as $GPT2_TIKTOKEN_FILE (`gpt2_vocabulary`).
     """
-    from gpt2.tokenizers.gpt2 import fetch_ranks_file
+    from gpt2.tokenizers.gpt2 import fetch_vocab_file
 
     if os.environ.get("GPT2_TIKTOKEN_FILE"):
         return os.environ["GPT2_TIKTOKEN_FILE"]
     try:
-        return str(fetch_ranks_file(str(gpt2_cache)))
+        return str(fetch_vocab_file(str(gpt2_cache)))
     except UserError as e:
-        pytest.skip(f"the GPT-2 ranks file is not available offline and PyPI is unreachable: {e}")
+        pytest.skip(f"GPT-2's vocabulary file is not available offline and PyPI is unreachable: {e}")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -158,12 +158,6 @@ def corpora(tmp_path: Path) -> dict[str, Path]:
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"text": docs}), parquet)
     return {"text": text, "jsonl": jsonl, "parquet": parquet}
-
-
-@pytest.fixture(scope="module")
-def ranks_file(tiktoken_file: str) -> str:
-    """The GPT-2 ranks file from conftest's shared fixture (skips when it cannot be had offline)."""
-    return tiktoken_file
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """A byte-level BPE's tokenizer.json as a ``tiktoken.Encoding`` that gives the same ids as ``tokenizers``.
 
 A BPE trained by ``tokenizers`` with GPT-2's byte-level pre-tokenizer is what GPT-2's vocab.json and
-merges.txt are to tiktoken's ranks file: every token's characters stand for bytes (GPT-2's byte-to-unicode
-table), and tiktoken ranks are the token ids. `tiktoken_encoding` builds that encoding only when it is
-exact, and raises `NotExact` naming the first reason otherwise. Exact means:
+merges.txt are to its tiktoken vocabulary file (gpt2.tiktoken): every token's characters stand for bytes
+(GPT-2's byte-to-unicode table), and tiktoken's mergeable ranks are the token ids. `tiktoken_encoding` builds
+that encoding only when it is exact, and raises `NotExact` naming the first reason otherwise. Exact means:
 
 - the pipeline adds or changes nothing tiktoken cannot: no normalizer; the pre-tokenizer is ByteLevel with
   ``add_prefix_space=false`` and ``use_regex=true``, whose regex (GPT-2's original pattern) tiktoken runs

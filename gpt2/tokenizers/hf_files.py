@@ -1,7 +1,7 @@
 """Tokenizer files for a Hugging Face export, so that ``AutoTokenizer.from_pretrained(out)`` gives the
 ids the model was trained with.
 
-GPT-2 (tiktoken): the standard ``vocab.json`` + ``merges.txt``, rebuilt from the ranks file: each
+GPT-2 (tiktoken): the standard ``vocab.json`` + ``merges.txt``, rebuilt from GPT-2's vocabulary file: each
 token's bytes are written through GPT-2's byte-to-unicode table, and each merge is recovered by
 running BPE on a token's bytes with only the lower ranks allowed (the two parts left are the merge).
 Our BPE: its ``tokenizer.json`` as trained. Both get a ``tokenizer_config.json``.
@@ -37,7 +37,7 @@ def _split(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
 
 
 def gpt2_vocab_and_merges(ranks: dict[bytes, int], eot_id: int) -> tuple[dict[str, int], list[str]]:
-    """vocab.json's mapping and merges.txt's lines (in rank order) from tiktoken ranks."""
+    """vocab.json's mapping and merges.txt's lines (in rank order) from tiktoken's mergeable ranks."""
     table = bytes_to_unicode()
 
     def text(b: bytes) -> str:

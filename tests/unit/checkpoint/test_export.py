@@ -39,9 +39,9 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     out = export_checkpoint(run, tmp_path / "hf")
     expected = {"gpt2": {"vocab.json", "merges.txt"}, "bpe": {TOKENIZER_FILE}}[kind]
     assert expected <= {p.name for p in out.iterdir()} and "tokenizer_config.json" in {p.name for p in out.iterdir()}
-    ranks = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("tokenizer.path="))
-    ranks = ranks if kind == "gpt2" else None
-    ours = Checkpoint.open(run).tokenizer(ranks)
+    vocab_file = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("tokenizer.path="))
+    vocab_file = vocab_file if kind == "gpt2" else None
+    ours = Checkpoint.open(run).tokenizer(vocab_file)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for s in EXPORT_STRINGS:
         assert hf_tok(s)["input_ids"] == ours.encode(s), s
@@ -59,7 +59,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     # run_generate.py pretrained=OUT_DIR reads the export's own tokenizer too
     [from_export] = generate_samples(GenerateConfig(pretrained=str(out), prompt=prompt, max_new_tokens=16,
                                                     temperature=0, device="cpu", dtype="fp32",
-                                                    tokenizer=VocabFileConfig(path=ranks)), io.StringIO())
+                                                    tokenizer=VocabFileConfig(path=vocab_file)), io.StringIO())
     assert from_export == ours_text
 
 

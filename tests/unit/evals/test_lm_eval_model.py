@@ -90,7 +90,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiktoken_file: str) -> di
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=N_POSITIONS, vocab_size=50257))
     save_model_checkpoint(root / "run", 1, model)
-    with pytest.MonkeyPatch.context() as mp:  # the checkpoint records GPT-2's tokenizer; find the ranks file
+    with pytest.MonkeyPatch.context() as mp:  # the checkpoint records GPT-2's tokenizer; find its vocabulary file
         mp.setenv("GPT2_TIKTOKEN_FILE", tiktoken_file)
         export_checkpoint(root / "run", root / "hf")
     return {"run": root / "run", "hf": root / "hf", "tasks": write_tasks(root / "tasks"), "tiktoken": tiktoken_file}

@@ -13,10 +13,10 @@ from gpt2.errors import UserError
 from gpt2.generate.command import _Streamer, generate_samples
 
 
-def test_streamer_holds_partial_utf8(ranks_file: str) -> None:
+def test_streamer_holds_partial_utf8(tiktoken_file: str) -> None:
     from gpt2.tokenizers.gpt2 import get_tokenizer
 
-    tok = get_tokenizer(ranks_file)
+    tok = get_tokenizer(tiktoken_file)
     text = "naïve 🤖 says 你好!"
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens are partial characters
@@ -32,12 +32,12 @@ def test_streamer_holds_partial_utf8(ranks_file: str) -> None:
 
 
 @pytest.mark.slow
-def test_generate_samples_seed_stream_and_crop(tiny_hf_dir: Path, ranks_file: str,
+def test_generate_samples_seed_stream_and_crop(tiny_hf_dir: Path, tiktoken_file: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """The body of run_generate.py, called in-process."""
     def run(**kw) -> tuple[list[str], str]:
         kw = {"prompt": "Hello world", "max_new_tokens": 24, **kw}
-        cfg = GenerateConfig(pretrained=str(tiny_hf_dir), tokenizer=VocabFileConfig(path=ranks_file), device="cpu",
+        cfg = GenerateConfig(pretrained=str(tiny_hf_dir), tokenizer=VocabFileConfig(path=tiktoken_file), device="cpu",
                              num_samples=2, **kw)
         out = io.StringIO()
         return generate_samples(cfg, out), out.getvalue()

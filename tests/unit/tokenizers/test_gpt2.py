@@ -56,7 +56,7 @@ def test_round_trip_and_batch(tiktoken_file: str) -> None:
 
 
 def test_matches_tiktoken_and_uses_its_cache(tiktoken_file: str, isolated_env: Path, tmp_path: Path) -> None:
-    # Put the ranks file where tiktoken caches r50k_base: tiktoken then loads it offline, and
+    # Put GPT-2's vocabulary file where tiktoken caches r50k_base: tiktoken then loads it offline, and
     # get_tokenizer must find it there too (source b) without pip.
     cached = isolated_env / hashlib.sha1(R50K_URL.encode()).hexdigest()
     shutil.copyfile(tiktoken_file, cached)
