@@ -294,11 +294,11 @@ class GPT(nn.Module):
 
 def cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int) -> Tensor:
     """Mean cross-entropy over targets != -1 of (B, T, Vp) logits whose last Vp - vocab_size columns are
-    padding. The padded columns are set to -inf in place (a (B, T, Vp - V) write; the matmul that made the
-    logits does not need them for its backward), so the softmax is exactly the one over vocab_size classes
-    and no (B, T, V) slice is copied. The logits are not upcast here: under autocast cross_entropy runs in
-    fp32 (autocast's policy), and torch.compile fuses that cast into the softmax kernel instead of
-    materializing an fp32 (B, T, V) copy."""
+    padding. The padded columns are set to -inf in place (a (B, T, Vp - V) write; neither the matmul nor the
+    soft cap that made the logits needs them for its backward), so the softmax is exactly the one over
+    vocab_size classes and no (B, T, V) slice is copied. The logits are not upcast here: under autocast
+    cross_entropy runs in fp32 (autocast's policy), and torch.compile fuses that cast into the softmax kernel
+    instead of materializing an fp32 (B, T, V) copy."""
     if logits.size(-1) > vocab_size:
         logits[..., vocab_size:] = float("-inf")
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
