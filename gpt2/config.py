@@ -42,6 +42,11 @@ TOKENIZERS = ("gpt2", "bpe", "file")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 DECODE_MODES = ("auto", "eager", "static", "graph")
+POSITION_EMBEDDINGS = ("learned", "rope")
+"""learned: GPT-2's wpe table added to the token embedding; rope: rotary positions on q and k."""
+MLP_ACTIVATIONS = ("gelu", "relu2")
+"""gelu: GPT-2's tanh approximation; relu2: relu(x)^2."""
+NORMS = ("layernorm", "rmsnorm")
 EVAL_TASKS = ("val_loss", "hellaswag")
 LM_EVAL_PREFIX = "lm_eval:"
 """run_eval.py's tasks=[lm_eval:NAME] names an lm-evaluation-harness task, group or tag."""
@@ -103,6 +108,22 @@ class ModelConfig:
     """LayerNorm epsilon."""
     init_std: float = 0.02
     """Std of the normal init; residual projections are scaled by 1/sqrt(2*n_layer)."""
+    position_embedding: str = "learned"
+    """learned (GPT-2's wpe table) or rope (rotary on q and k, no wpe parameter)."""
+    rope_base: float = 10000.0
+    """RoPE frequency base: pair j of a head turns by position * rope_base^(-2j/head_size)."""
+    qk_norm: bool = False
+    """RMS-normalise q and k per head (no weight, eps layer_norm_epsilon) before rotary."""
+    mlp_activation: str = "gelu"
+    """gelu (tanh approximation, GPT-2) or relu2 (relu(x)^2)."""
+    norm: str = "layernorm"
+    """layernorm (GPT-2) or rmsnorm (learnable weight, no bias); eps is layer_norm_epsilon."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head (GPT-2); false = a separate lm_head weight."""
+    zero_init_proj: bool = False
+    """Initialise the attention and MLP output projections (c_proj weights) at zero."""
+    logit_softcap: float | None = None
+    """Cap the output logits at cap * tanh(logits / cap); null = off (GPT-2)."""
 
     @property
     def padded_vocab_size(self) -> int:
@@ -132,6 +153,38 @@ class ModelConfig:
             f"pick n_head among the divisors of {self.n_embd}.",
         )
         _require(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1).")
+        _choice("model.position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        _choice("model.mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _choice("model.norm", self.norm, NORMS)
+        _positive("model.rope_base", self.rope_base)
+        if self.logit_softcap is not None:
+            _positive("model.logit_softcap", self.logit_softcap)
+        head_size = self.n_embd // self.n_head
+        _require(
+            self.position_embedding != "rope" or head_size % 2 == 0,
+            f"model.position_embedding=rope needs an even head size, but n_embd/n_head = {self.n_embd}/{self.n_head} "
+            f"= {head_size}; pick n_head so that n_embd/n_head is even.",
+        )
+
+    def non_gpt2_switches(self, init: bool = True) -> list[str]:
+        """The switches set away from GPT-2, as overrides (e.g. ["position_embedding=rope", "qk_norm=true"]);
+        empty for a GPT-2 model. rope_base counts only with rotary positions. `init=False` leaves out
+        zero_init_proj, which changes only the initialisation (the trained weights fit GPT-2's architecture)."""
+        gpt2 = ModelConfig()
+        names = ["position_embedding", "qk_norm", "mlp_activation", "norm", "tie_embeddings", "logit_softcap"]
+        if self.position_embedding == "rope":
+            names.insert(1, "rope_base")
+        if init:
+            names.append("zero_init_proj")
+        return [f"{name}={_override(getattr(self, name))}" for name in names
+                if getattr(self, name) != getattr(gpt2, name)]
+
+
+def _override(value: object) -> str:
+    """A value as a Hydra override writes it (true, false, null, 30.0, rope)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "null" if value is None else str(value)
 
 
 @dataclass

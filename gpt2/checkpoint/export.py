@@ -15,7 +15,7 @@ from pathlib import Path
 from gpt2.checkpoint.format import CHECKPOINTS_DIR, COMPLETE, META, STEP_DIR
 from gpt2.checkpoint.handle import Checkpoint
 from gpt2.errors import UserError
-from gpt2.model.hf import export_hf
+from gpt2.model.hf import check_exportable, export_hf
 from gpt2.tokenizers.hf_files import TOKENIZER_FILES, write_tokenizer_files
 from gpt2.utils.fs import check_writable, make_temp_dir, move_into_place, remove_tree
 
@@ -47,6 +47,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
     out = check_out_dir(out_dir)  # before loading: a bad target fails at once
     ckpt = Checkpoint.open(checkpoint, CHECKPOINT_FIX)
+    check_exportable(ckpt.model_config)  # before the weights: a model HF GPT-2 cannot hold fails at once
     tokenizer = ckpt.tokenizer()
     state = ckpt.state_dict()
     tmp: Path | None = None

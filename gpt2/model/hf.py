@@ -89,10 +89,19 @@ def hf_to_gpt(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor
     return out
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+    """UserError naming the ModelConfig switches that GPT2LMHeadModel cannot represent, if any are set."""
+    blocking = cfg.non_gpt2_switches(init=False)
+    if blocking:
+        raise UserError(f"cannot export a model with {', '.join(blocking)} as Hugging Face GPT-2: GPT2LMHeadModel "
+                        f"has no such option; only models trained with the GPT-2 defaults of these switches export.")
+
+
 def gpt_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Our state dict -> GPT2LMHeadModel's (the same map run backwards): padded vocabulary rows dropped,
     Conv1D weights transposed, lm_head.weight tied. Without biases (cfg.bias false), zero biases are
-    written, which computes the same function."""
+    written, which computes the same function. UserError for a model with non-GPT-2 switches."""
+    check_exportable(cfg)
     state = dict(state)
     wte = state.pop("transformer.wte.weight", None)
     lm_head = state.pop("lm_head.weight", None)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from gpt2.config import ModelConfig
 from gpt2.errors import UserError
 from gpt2.generate.decoders import decoder_for, release_graphs, resolve_mode
 from gpt2.generate.sampling import generate
@@ -81,6 +82,53 @@ def test_static_cache_logits_match_eager(models: tuple[GPT, object]) -> None:
     torch.testing.assert_close(torch.stack(got, dim=1), full[:, 4:], rtol=1e-5, atol=1e-5)
 
 
+def switched_model() -> GPT:
+    """A tiny model with every ModelConfig switch away from GPT-2 (rotary positions, QK-norm, ReLU^2, RMSNorm,
+    untied head, soft cap), its zero-initialised projections given weights so that attention reaches the logits."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=VOCAB, position_embedding="rope",
+                      qk_norm=True, mlp_activation="relu2", norm="rmsnorm", tie_embeddings=False,
+                      zero_init_proj=True, logit_softcap=5.0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def full_recompute_greedy(model: GPT, prompt: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding without any cache: the whole sequence through the model for every token. Returns the
+    tokens (B, T + n) and the logits each pick was made from (B, n, V)."""
+    idx, picked = prompt, []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx).logits[:, -1]  # (B, V)
+            picked.append(logits)
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx, torch.stack(picked, dim=1)
+
+
+def test_all_switches_cached_decoders_equal_full_recompute() -> None:
+    """Rotary positions continue from the cache (eager: its host-side length; static: the position tensor)."""
+    model = switched_model()
+    prompt = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    want, want_logits = full_recompute_greedy(model, prompt, 20)
+    for mode in ("eager", "static"):
+        assert generate(model, prompt, 20, temperature=0.0, decode_mode=mode).tolist() == want.tolist(), mode
+        with torch.no_grad():
+            dec = decoder_for(model, 3, 26, mode)
+            got = [dec.prefill(prompt)]
+            for t in range(6, 25):
+                got.append(dec.step(want[:, t : t + 1]))
+        torch.testing.assert_close(torch.stack(got, dim=1), want_logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # a chunk of several tokens after cached ones (the eager cache's masked path)
+        cache = model.new_kv_cache(3, 26)
+        model(want[:, :4], kv_cache=cache)
+        chunk = model(want[:, 4:15], kv_cache=cache).logits[:, -1]
+        torch.testing.assert_close(chunk, model(want[:, :15]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_decode_modes_resolve() -> None:
     cpu = torch.device("cpu")
     assert resolve_mode("auto", cpu) == "eager" and resolve_mode("static", cpu) == "static"
@@ -106,4 +154,16 @@ def test_cuda_graph_decode_equals_eager(models: tuple[GPT, object]) -> None:
     a, b = (generate(model, prompt, 30, temperature=0.8, top_k=50, generator=g, decode_mode=m)
             for g, m in zip(gens, ("graph", "eager")))
     assert a.tolist() == b.tolist()
+    release_graphs(model)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_with_all_switches_equals_full_recompute() -> None:
+    """The captured step reads its rotary angles from the position tensor, so replays keep moving forward."""
+    model = switched_model().cuda()
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4)).cuda()
+    want, _ = full_recompute_greedy(model, prompt, 25)
+    graph = generate(model, prompt, 25, temperature=0.0, decode_mode="graph")
+    again = generate(model, prompt, 25, temperature=0.0, decode_mode="graph")  # replays the captured graph
+    assert graph.tolist() == again.tolist() == want.tolist()
     release_graphs(model)
