@@ -69,13 +69,17 @@ class Run:
     output_dir: Path
     """The run dir: checkpoints/, metrics.jsonl, loss.png."""
     data: RunData
+    """The batches and val splits, and the tokenizer."""
     model: nn.Module
     """The model as trained (possibly DDP/FSDP-wrapped and compiled)."""
     optimizer: torch.optim.Optimizer
+    """Built over the model as trained (its state restored when resuming)."""
     state: TrainState
     """What training has done (restored from the checkpoint when resuming)."""
     evaluator: Evaluator
+    """The evaluations and their cadences."""
     checkpoints: CheckpointManager
+    """Saves and retention; it saves the model, optimizer, `state` and this rank's RNG streams."""
     logger: RunLogger | None
     """Rank 0's metrics logger (None on the other ranks, or when not asked for)."""
     should_stop: Callable[[], bool]

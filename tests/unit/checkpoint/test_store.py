@@ -11,8 +11,9 @@ import pytest
 
 from gpt2.checkpoint.format import read_meta
 from gpt2.checkpoint.handle import find_checkpoint
+from gpt2.checkpoint.store import remove_interrupted
 from gpt2.errors import UserError
-from tests.helpers import load_toy_checkpoint, save_toy
+from tests.helpers import DictState, load_toy_checkpoint, save_toy
 from tests.workers.tiny_lm import make
 
 
@@ -25,6 +26,25 @@ def test_crash_between_renames_keeps_old_discoverable(tmp_path: Path) -> None:
     assert find_checkpoint(tmp_path).path == old
     save_toy(tmp_path, 6, model, opt)  # the next save_toy cleans the leftovers up
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005.old", "step_00000006"]
+
+
+def test_a_new_manager_touches_no_files_and_the_start_up_clean_up_keeps_a_live_old_copy(tmp_path: Path) -> None:
+    from gpt2.checkpoint.manager import CheckpointManager
+    from gpt2.config import CheckpointConfig
+
+    model, opt = make(0)
+    path = save_toy(tmp_path, 5, model, opt)
+    os.replace(path, path.with_name(path.name + ".old"))  # its replacement never arrived: the live copy
+    ckpts = tmp_path / "checkpoints"
+    for leftover in ("step_00000004.deleting", "step_00000006.tmp"):
+        (ckpts / leftover).mkdir()
+    before = sorted(p.name for p in ckpts.iterdir())
+    CheckpointManager(tmp_path, CheckpointConfig(), max_steps=10, model=model, optimizer=opt, trainer=DictState(),
+                      rng=DictState(), record={})
+    assert sorted(p.name for p in ckpts.iterdir()) == before
+    assert remove_interrupted(tmp_path) == [ckpts / "step_00000004.deleting", ckpts / "step_00000006.tmp"]
+    assert [p.name for p in ckpts.iterdir()] == ["step_00000005.old"]
+    assert find_checkpoint(tmp_path).step == 5
 
 
 def test_retention_keeps_last_best_and_newest(tmp_path: Path) -> None:
