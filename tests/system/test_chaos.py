@@ -47,7 +47,7 @@ def test_sigkill_during_save_never_corrupts(tmp_path: Path) -> None:
         step = latest.step
         model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
         opt = torch.optim.AdamW(model.parameters())
-        loaded = load_toy_checkpoint(latest, model, opt, sharded=False)
+        loaded = load_toy_checkpoint(latest.path, model, opt, sharded=False)
         assert loaded.trainer_state == {"step": step} and loaded.rank_state == {"step": step}
         assert all(bool((p == step).all()) for p in model.parameters())  # every file from the same save
         assert all(bool((s["exp_avg"] == step).all()) for s in opt.state_dict()["state"].values())
