@@ -55,7 +55,7 @@ def _main(dcfg: DictConfig) -> float:
         remove_unused_run_dir(output_dir)  # a dry run leaves no run directory behind
         return math.nan
     from gpt2.train.launch import train
-    from gpt2.train.trainer import TrainingInterrupted
+    from gpt2.train.preemption import TrainingInterrupted
 
     try:
         val_loss = train(cfg, output_dir)

@@ -4,7 +4,8 @@ Both sides train the same shape (random weights, random tokens, dropout 0) at th
 (autocast), with or without torch.compile, in one process. Steps alternate ours / HF so that load
 from other processes hits both alike; tokens/s is the median over the timed steps after warm-up.
 
-Ours is exactly what training runs: `gpt2.train.trainer.Trainer.train_step` (lr schedule, autocast forward +
+Ours is exactly what training runs: a run assembled by `gpt2.train.assembly.build_run` (random batches in place
+of the prepared corpus) stepped by `gpt2.train.trainer.Trainer.train_step` (lr schedule, autocast forward +
 backward, foreach grad-norm clip, AdamW from `gpt2.train.optim.build_optimizer` -- fused where supported).
 HF is the usual loop: `model(input_ids, labels=...)`, backward, `clip_grad_norm_`, `torch.optim.AdamW`
 with its defaults (not fused), `zero_grad`.
@@ -35,9 +36,9 @@ from gpt2.model.gpt import GPT
 from gpt2.model.presets import model_preset
 from gpt2.runtime.device import DTYPES, autocast, detect_peak_flops, set_tf32
 from gpt2.runtime.distributed import DistInfo
+from gpt2.train.assembly import RunData, build_run
 from gpt2.train.evaluation import ValSplit
-from gpt2.train.optim import build_optimizer
-from gpt2.train.plan import resolve_plan
+from gpt2.train.plan import Vocabulary
 from gpt2.train.trainer import Trainer
 
 
@@ -83,21 +84,18 @@ def sync(device: torch.device) -> None:
 
 def build_ours(cfg: ModelConfig, shape: Shape, precision: str, compile_: bool, device: torch.device,
                out_dir: str) -> Callable[[], float]:
-    """Trainer.train_step on a fresh GPT (what `run_train.py` builds, minus logging and data prep)."""
+    """Trainer.train_step on a fresh GPT (what `run_train.py` builds, minus the metrics logger and data prep)."""
     train_cfg = TrainConfig(model=cfg, optimizer=OptimizerConfig(), scheduler=SchedulerConfig(warmup_steps=10),
                             precision=PrecisionConfig(name=precision), eval=EvalConfig(sample_tokens=0),
                             micro_batch_size=shape.batch,
                             block_size=shape.seq, total_batch_tokens=shape.batch * shape.seq, compile=compile_,
                             device=device.type, max_steps=10_000)
-    model: torch.nn.Module = GPT(cfg).to(device)
-    if compile_:
-        model = torch.compile(model)
-    optimizer = build_optimizer(model, train_cfg.optimizer, device.type)
     batches = RandomBatches(cfg.vocab_size, shape.batch, shape.seq, device)
-    ranks = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
-    plan = resolve_plan(train_cfg, ranks, lambda: (int(cfg.vocab_size or 50257), "benchmark"), None, None)
-    trainer = Trainer(train_cfg, plan, model, optimizer, batches, [ValSplit("", 1.0, batches.tokens)],  # type: ignore[arg-type]
-                      ranks, out_dir)
+    data = RunData(batches, [ValSplit("", 1.0, batches.tokens)],  # type: ignore[arg-type]
+                   Vocabulary(int(cfg.vocab_size or 50257), "benchmark"))
+    dist = DistInfo(rank=0, local_rank=0, world_size=1, device=device)
+    run = build_run(train_cfg, dist, out_dir, data=data, model=GPT(cfg), log_metrics=False)  # compiles per compile_
+    trainer = Trainer(run)
     return lambda: trainer.train_step()["train/loss"]
 
 

@@ -119,7 +119,7 @@ def save_toy_checkpoint(root: Path, step: int, model, optimizer, *, trainer_stat
     mgr = CheckpointManager(root, CheckpointConfig(interval=1, keep_last=keep_last, keep_best=keep_best),
                             max_steps=10**9, model=model, optimizer=optimizer,
                             trainer=DictState(trainer_state if trainer_state is not None else {"step": step}),
-                            rank=DictState(rank_state or {}), record=record or {"config": {}},
+                            rng=DictState(rank_state or {}), record=record or {"config": {}},
                             files=files, val_loss=lambda: val_loss, sharded=sharded)
     path = mgr.save(step)
     assert path is not None
@@ -128,17 +128,17 @@ def save_toy_checkpoint(root: Path, step: int, model, optimizer, *, trainer_stat
 
 def load_toy_checkpoint(where: Path, model, optimizer=None, *, sharded: bool = False):
     """`load_checkpoint` of the newest checkpoint at `where` (run dir, checkpoints/ or step dir)."""
-    from gpt2.checkpoint.handle import Checkpoint
+    from gpt2.checkpoint.handle import find_checkpoint
     from gpt2.checkpoint.io import load_checkpoint
 
-    ckpt = Checkpoint.open(where)
+    ckpt = find_checkpoint(where)
     return load_checkpoint(ckpt.path, ckpt.meta, model=model, optimizer=optimizer, sharded=sharded)
 
 
 # ------------------------------------------------------------------ trainers built as train() builds them
 
 
-def cpu_ranks():
+def cpu_dist():
     import torch
 
     from gpt2.runtime.distributed import DistInfo
@@ -146,32 +146,18 @@ def cpu_ranks():
     return DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def tiny_trainer(cfg: TrainConfig, output_dir: Path, model=None, loaders=None):
-    """A Trainer on one CPU rank built as gpt2.train.launch.train builds it: the corpus prepared, the run plan
-    resolved, the optimizer built; `model` (else a fresh GPT of the plan, seeded) and `loaders` may be given."""
-    import dataclasses
+def tiny_trainer(cfg: TrainConfig, output_dir: Path, model=None, loaders=None) -> Trainer:
+    """A Trainer on one CPU rank over the run training assembles (gpt2.train.assembly.build_run: the corpus
+    prepared, the plan resolved, the model seeded, the optimizer built), without a metrics logger. `model` (a
+    bare GPT whose weights and architecture the run trains) and `loaders` ((train loader, val loader): nothing
+    is prepared, the val loader's split is the one scored, the vocabulary is the model's) may be given."""
+    from gpt2.train.assembly import RunData, build_run
+    from gpt2.train.plan import Vocabulary
 
-    import torch
-
-    from gpt2.model.gpt import GPT
-    from gpt2.train.launch import build_data, prepare
-    from gpt2.train.optim import build_optimizer
-    from gpt2.train.plan import resolve_plan
-
-    ranks = cpu_ranks()
-    prepared = prepare(cfg) if loaders is None else None
-    vocab = (prepared.tokenizer.n_vocab, prepared.tokenizer.id) if prepared else (model.cfg.vocab_size, "test")
-    plan = resolve_plan(cfg, ranks, lambda: vocab, None, None)
-    if model is None:
-        torch.manual_seed(cfg.seed)
-        model = GPT(plan.model)
-    plan = dataclasses.replace(plan, model=model.cfg)
-    if loaders is None:
-        loaders = build_data(cfg, plan, ranks, prepared)
-    else:  # (train loader, val loader): the val loader's split is the one scored
-        loaders = (loaders[0], [ValSplit("", 1.0, loaders[1].tokens)])
-    return Trainer(cfg, plan, model, build_optimizer(model, cfg.optimizer, "cpu"), *loaders, ranks, output_dir,
-                   tokenizer=prepared.tokenizer if prepared else None)
+    data = None
+    if loaders is not None:
+        data = RunData(loaders[0], [ValSplit("", 1.0, loaders[1].tokens)], Vocabulary(model.cfg.vocab_size, "test"))
+    return Trainer(build_run(cfg, cpu_dist(), output_dir, data=data, model=model, log_metrics=False))
 
 
 def save_model_checkpoint(root: Path, step: int, model, keep_last: int = 2) -> Path:

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gpt2.checkpoint.format import CHECKPOINTS_DIR, COMPLETE, META, STEP_DIR
-from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.format import CHECKPOINTS_DIR, is_checkpoint_dir
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.errors import UserError
 from gpt2.model.hf import check_exportable, export_hf
 from gpt2.tokenizers.hf_files import TOKENIZER_FILES, write_tokenizer_files
 from gpt2.utils.fs import check_writable, make_temp_dir, move_into_place, remove_tree
 
 CHECKPOINT_FIX = "Check the path: export takes a run dir, its checkpoints/ dir or a step_* dir."
-
-
-def _is_checkpoint_dir(d: Path) -> bool:
-    return d.name == CHECKPOINTS_DIR or bool(STEP_DIR.match(d.name)) or (d / META).exists() or (d / COMPLETE).exists()
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -33,7 +29,8 @@ def check_out_dir(out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"export target {out_dir} is an existing file; give a directory (new, or holding an "
                         f"earlier export), e.g. {out.parent / 'hf-export'}.")
-    inside = next((d for d in (out, *out.parents) if d.is_dir() and _is_checkpoint_dir(d)), None)
+    inside = next((d for d in (out, *out.parents)
+                   if d.is_dir() and (d.name == CHECKPOINTS_DIR or is_checkpoint_dir(d))), None)
     if inside is None and (out / CHECKPOINTS_DIR).exists():
         inside = out / CHECKPOINTS_DIR
     if inside is not None:
@@ -46,7 +43,7 @@ def check_out_dir(out_dir: str | Path) -> Path:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export the checkpoint at `checkpoint` (checkpoint or run dir) to out_dir; returns out_dir."""
     out = check_out_dir(out_dir)  # before loading: a bad target fails at once
-    ckpt = Checkpoint.open(checkpoint, CHECKPOINT_FIX)
+    ckpt = find_checkpoint(checkpoint, CHECKPOINT_FIX)
     check_exportable(ckpt.model_config)  # before the weights: a model HF GPT-2 cannot hold fails at once
     tokenizer = ckpt.tokenizer()
     state = ckpt.state_dict()

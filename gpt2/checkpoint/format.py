@@ -1,5 +1,6 @@
-"""The on-disk checkpoint format: file names, meta.json (and the one upgrade of older formats), durable
-writes and safe reads of the files in a checkpoint, and the model weights read without a process group.
+"""The on-disk checkpoint format: file names, meta.json, durable writes and safe reads of the files in a
+checkpoint, the model weights read without a process group, and the one place that reads older formats
+(`upgrade` for meta.json, `upgrade_trainer_state` for trainer.pt and the data position).
 
 Layout of one checkpoint, ``<run_dir>/checkpoints/step_00000100/``: ``model.safetensors`` +
 ``optimizer.pt`` (plain runs) or ``dcp/`` (FSDP, sharded), ``trainer.pt`` (the global training state,
@@ -28,7 +29,7 @@ from gpt2.tokenizers.factory import GPT2_RECORD
 
 FORMAT = 2
 """2: meta.json always holds `plan.model` and `tokenizer`; trainer.pt holds the global data position.
-Older formats are brought up to date by `upgrade` when read."""
+Older formats are brought up to date when read (`upgrade`, `upgrade_trainer_state`)."""
 CHECKPOINTS_DIR = "checkpoints"
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -48,6 +49,11 @@ def step_dir_name(step: int) -> str:
 def rank_file(rank: int) -> str:
     """Name of a rank's state file, e.g. rank_00003.pt."""
     return f"rank_{rank:05d}.pt"
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """`path` is (or was meant to be) one checkpoint: a step_* dir, or a dir holding meta.json or COMPLETE."""
+    return (path / META).exists() or (path / COMPLETE).exists() or bool(STEP_DIR.match(path.name))
 
 
 def checkpoints_dir(root: str | Path) -> Path:
@@ -95,7 +101,7 @@ def torch_load(path: Path) -> Any:
         ) from None
 
 
-# ------------------------------------------------------------------ meta.json
+# ------------------------------------------------------------------ older formats (the one place that reads them)
 
 
 def _moved_keys(config: dict[str, Any]) -> dict[str, Any]:
@@ -120,11 +126,14 @@ def _moved_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 def upgrade(meta: dict[str, Any]) -> dict[str, Any]:
     """meta.json of any earlier format in the current one. Format 1 could lack the run plan (the model was
-    then `config.model`) and the tokenizer record (it was then GPT-2's). A saved config of any format has
-    the keys that moved since (eval_interval -> eval.interval, ...) at their new places."""
+    then `config.model`, the micro-batch `config.micro_batch_size` unless it was auto) and the tokenizer record
+    (it was then GPT-2's). A saved config of any format has the keys that moved since (eval_interval ->
+    eval.interval, ...) at their new places."""
     if meta.get("format") == 1:
         config = meta.get("config") or {}
-        plan = meta.get("plan") or {"model": config.get("model") or {}}
+        plan = dict(meta.get("plan") or {"model": config.get("model") or {}})
+        micro = config.get("micro_batch_size")
+        plan.setdefault("micro_batch_size", micro if isinstance(micro, int) else None)
         meta = {**meta, "format": 2, "plan": plan, "tokenizer": meta.get("tokenizer") or dict(GPT2_RECORD)}
     if isinstance(meta.get("config"), dict):
         meta = {**meta, "config": _moved_keys(meta["config"])}
@@ -132,14 +141,26 @@ def upgrade(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def upgrade_trainer_state(trainer_state: dict[str, Any], ckpt: Path) -> dict[str, Any]:
-    """trainer.pt of an earlier format in the current one. Format 1 kept the data position in each rank's file
-    (the same (epoch, position) in every rank's share of the windows); it is moved into the trainer state,
-    where the loader converts it to the global position."""
+    """trainer.pt of an earlier format in the current one. Format 1 kept the data position in each rank's file,
+    as (epoch, position) in that rank's share ``order[rank::world_size]`` of the epoch's windows (the same pair
+    on every rank); it becomes the global position the loader resumes from: the windows all ranks consumed."""
     if "train_loader" not in trainer_state and (ckpt / rank_file(0)).is_file():
         rank0 = torch_load(ckpt / rank_file(0))
         if isinstance(rank0, dict) and "train_loader" in rank0:
             trainer_state = {**trainer_state, "train_loader": rank0["train_loader"]}
+    loader = trainer_state.get("train_loader")
+    if isinstance(loader, dict) and "consumed" not in loader and "position" in loader:
+        try:
+            consumed = int(loader["epoch"]) * int(loader["n_windows"]) + int(loader["position"]) * int(
+                loader["world_size"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{ckpt / TRAINER_FILE}: the data position of this older checkpoint lacks {err}; it "
+                            f"cannot be resumed exactly. Start a new run from its weights (init) instead.") from None
+        trainer_state = {**trainer_state, "train_loader": {**loader, "consumed": consumed}}
     return trainer_state
+
+
+# ------------------------------------------------------------------ meta.json
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:

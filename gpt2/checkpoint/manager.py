@@ -1,7 +1,8 @@
 """`CheckpointManager`: one run's checkpoints (after torchtitan's components/checkpoint.py). Given the states
-once (model, optimizer, the trainer's global state, this rank's state, what meta.json records), it decides
-when a save is due (periodic, final, preemption), writes it, keeps the newest and the best, finds where a
-run resumes, and loads a checkpoint back into the same states.
+once (model, optimizer, the trainer's global state, this rank's RNG streams, what meta.json records), it
+decides when a save is due (periodic, final, preemption), writes it, keeps the newest and the best, and loads a
+checkpoint back into the same states. Building one touches no files; which checkpoint a run resumes is
+gpt2.checkpoint.handle.find_checkpoint's answer, and the start-up clean-up is gpt2.checkpoint.store's.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gpt2.checkpoint.format import RESUME_FIX, checkpoints_dir
+from gpt2.checkpoint.format import checkpoints_dir
 from gpt2.checkpoint.handle import Checkpoint
 from gpt2.checkpoint.io import CheckpointContent, load_checkpoint, write_checkpoint
-from gpt2.checkpoint.store import apply_retention, find_latest_with_meta, remove_leftovers, step_dirs
+from gpt2.checkpoint.store import apply_retention
 from gpt2.config import CheckpointConfig
 from gpt2.runtime.world import rank_and_world
 
@@ -34,23 +35,22 @@ class Stateful(Protocol):
 
 
 class CheckpointManager:
-    """Owns the cadence, retention, start-up clean-up and resume resolution of one run dir's checkpoints."""
+    """Owns the cadence and retention of one run dir's checkpoints, and loading one back into the states.
+
+    `trainer` is the global training state (rank 0 saves it), `rng` this rank's RNG streams (each rank saves
+    its own); `max_steps` is the run plan's."""
 
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, *, max_steps: int, model: nn.Module,
-                 optimizer: torch.optim.Optimizer, trainer: Stateful, rank: Stateful, record: dict[str, Any],
+                 optimizer: torch.optim.Optimizer, trainer: Stateful, rng: Stateful, record: dict[str, Any],
                  files: dict[str, bytes] | None = None, val_loss: Callable[[], float | None] = lambda: None,
                  sharded: bool = False) -> None:
         self.dir = checkpoints_dir(run_dir)
         self.cfg = cfg
         self.max_steps = max_steps
-        self.model, self.optimizer, self.trainer, self.rank = model, optimizer, trainer, rank
+        self.model, self.optimizer, self.trainer, self.rng = model, optimizer, trainer, rng
         self.record, self.files, self.val_loss = record, files or {}, val_loss
         self.sharded = sharded
         self.is_main = rank_and_world()[0] == 0
-        if self.is_main:  # no save runs yet: half-deleted or interrupted dirs of an earlier process can go
-            live = frozenset(p for _, p in step_dirs(self.dir))
-            for p in remove_leftovers(self.dir, keep=live):
-                log.info("removed the leftover %s of an interrupted save or deletion", p)
 
     def due(self, step: int, *, final: bool = False, preempted: bool = False) -> bool:
         """Whether `save` writes at `step`: always on preemption; at the end when checkpoint.save_final; else
@@ -68,7 +68,7 @@ class CheckpointManager:
             return None
         started = time.time()
         content = CheckpointContent(model=self.model, optimizer=self.optimizer,
-                                    trainer_state=self.trainer.state_dict(), rank_state=self.rank.state_dict(),
+                                    trainer_state=self.trainer.state_dict(), rank_state=self.rng.state_dict(),
                                     record=self.record, files=self.files, val_loss=self.val_loss())
         path = write_checkpoint(self.dir, step, content, sharded=self.sharded)
         if self.is_main:
@@ -88,21 +88,8 @@ class CheckpointManager:
             group.update(values)
         self.trainer.load_state_dict(loaded.trainer_state)
         if loaded.rank_state is not None:
-            self.rank.load_state_dict(loaded.rank_state)
+            self.rng.load_state_dict(loaded.rank_state)
         elif rank_and_world()[0] == 0:
             log.warning("checkpoint %s was saved at world size %s and this run has %d rank(s): the data position "
                         "carries over exactly; each rank's RNG streams (dropout) restart from the seed", ckpt.path,
                         ckpt.meta.get("world_size"), rank_and_world()[1])
-
-    @staticmethod
-    def find_resume(resume: str | None, run_dir: Path) -> Checkpoint | None:
-        """The checkpoint to resume from: `resume=auto` looks in this run dir (fresh start when there is none),
-        a path must hold one."""
-        if not resume:
-            return None
-        if resume == "auto":
-            found = find_latest_with_meta(run_dir)
-            log.info("resume=auto: %s", f"resuming from {found[0]}" if found else
-                     f"no checkpoint in {run_dir}, starting fresh")
-            return Checkpoint(*found) if found else None
-        return Checkpoint.open(resume, RESUME_FIX)

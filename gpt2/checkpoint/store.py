@@ -1,4 +1,5 @@
-"""The checkpoints of a run directory: discovery (the newest complete one), retention, and deletion.
+"""The checkpoints of a run directory: listing the complete ones (gpt2.checkpoint.handle.find_checkpoint picks
+the newest), retention, deletion, and the start-up clean-up of interrupted saves.
 
 A checkpoint is built as ``step_XXXXXXXX.tmp`` and renamed into place only once complete; one is deleted by
 first renaming it to ``step_XXXXXXXX.deleting``. So a crash never leaves a ``step_*`` dir that looks valid
@@ -8,21 +9,16 @@ returns (or of a newer one it skips because that meta.json is damaged).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gpt2.checkpoint.format import (
-    CHECKPOINTS_DIR,
-    COMPLETE,
-    LEFTOVER,
-    META,
-    RESUME_FIX,
-    STEP_DIR,
-    read_meta,
-)
+from gpt2.checkpoint.format import COMPLETE, LEFTOVER, STEP_DIR, checkpoints_dir, read_meta
 from gpt2.errors import UserError
 from gpt2.utils.fs import remove_tree, rename_durably
+
+log = logging.getLogger("gpt2")
 
 
 def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -41,10 +37,6 @@ def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found.items())
 
 
-def _is_checkpoint_dir(path: Path) -> bool:
-    return (path / META).exists() or (path / COMPLETE).exists() or bool(STEP_DIR.match(path.name))
-
-
 def complete_checkpoints(ckpt_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """(path, meta) of every valid checkpoint under a checkpoints/ dir, newest first, meta.json read lazily."""
     for _, path in reversed(step_dirs(ckpt_dir)):
@@ -52,50 +44,6 @@ def complete_checkpoints(ckpt_dir: Path) -> Iterator[tuple[Path, dict[str, Any]]
             yield path, read_meta(path)
         except UserError:  # damaged meta.json: an earlier checkpoint is the newest valid one
             continue
-
-
-def find_latest_with_meta(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """Newest valid checkpoint (and its meta) in a run dir, its checkpoints/ dir, or the checkpoint dir itself
-    (or a file in it); None when there is none."""
-    path = Path(path).expanduser()
-    if path.is_file():
-        path = path.parent
-    if not path.is_dir():
-        return None
-    if _is_checkpoint_dir(path):
-        try:
-            return path, read_meta(path)
-        except UserError:
-            return None
-    for ckpt_dir in (path / CHECKPOINTS_DIR, path):
-        found = next(complete_checkpoints(ckpt_dir), None)
-        if found is not None:
-            return found
-    return None
-
-
-def find_latest(path: str | Path) -> Path | None:
-    """Newest valid checkpoint in a run dir, its checkpoints/ dir, or the checkpoint dir itself."""
-    found = find_latest_with_meta(path)
-    return found[0] if found else None
-
-
-def resolve_checkpoint(path: str | Path, fix: str = RESUME_FIX) -> tuple[Path, dict[str, Any]]:
-    """Like `find_latest_with_meta`, but a UserError saying what is wrong (and `fix`, the caller's advice)
-    when nothing valid is there."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"checkpoint path {p} does not exist; give a run dir, its checkpoints/ dir or a step_* dir.")
-    found = find_latest_with_meta(p)
-    if found is not None:
-        return found
-    d = p.parent if p.is_file() else p
-    if _is_checkpoint_dir(d):
-        read_meta(d)  # raises the precise reason
-    raise UserError(
-        f"no complete checkpoint under {p} (expected {p}/checkpoints/step_XXXXXXXX/ with a COMPLETE marker); "
-        f"interrupted saves (*.tmp or no COMPLETE) are ignored. {fix}"
-    )
 
 
 # ------------------------------------------------------------------ retention and deletion
@@ -128,6 +76,17 @@ def remove_leftovers(ckpt_dir: Path, older_than: float | None = None,
         if child.name.endswith(".deleting") or older_than is None or child.stat().st_mtime < older_than:
             delete_checkpoint(child)
             removed.append(child)
+    return removed
+
+
+def remove_interrupted(run_dir: str | Path) -> list[Path]:
+    """The start-up clean-up of a run dir's checkpoints/ (rank 0, before this process saves anything): delete
+    what interrupted saves and deletions of an earlier process left behind, keeping a ``.old`` dir that is still
+    the newest copy of its step. Logs each removal; returns them."""
+    ckpt_dir = checkpoints_dir(run_dir)
+    removed = remove_leftovers(ckpt_dir, keep=frozenset(p for _, p in step_dirs(ckpt_dir)))
+    for p in removed:
+        log.info("removed the leftover %s of an interrupted save or deletion", p)
     return removed
 
 

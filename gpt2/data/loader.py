@@ -98,8 +98,8 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue where the saved loader stopped, at any world size; a different corpus, block_size, seed or
-        shuffle is refused. A per-rank position of an older checkpoint ((epoch, position) in each rank's share,
-        at `world_size`) is converted to the global one it stands for."""
+        shuffle is refused. (An older checkpoint's per-rank position reaches here converted to the global one:
+        gpt2.checkpoint.format.upgrade_trainer_state.)"""
         for key in ("block_size", "n_windows", "seed", "shuffle", "n_tokens"):
             mine = int(self.shuffle) if key == "shuffle" else getattr(self, key)
             if key in state and int(state[key]) != mine:
@@ -107,7 +107,4 @@ class TokenLoader:
                     f"Cannot resume the data loader: saved {key}={state[key]} but now {key}={mine} "
                     f"({self.path}); resume with the same data and block_size, or start a fresh run."
                 )
-        if "consumed" in state:
-            self.consumed = int(state["consumed"])
-        else:  # rank r had read windows [r::world_size][:position] of epoch `epoch`
-            self.consumed = int(state["epoch"]) * self.n_windows + int(state["position"]) * int(state["world_size"])
+        self.consumed = int(state["consumed"])

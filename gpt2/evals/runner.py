@@ -36,22 +36,35 @@ def _val_tokenizer(ckpt: Checkpoint | None, train_cfg: TrainConfig | None) -> To
     return TokenizerConfig()
 
 
-def eval_windows(cfg: EvalRunConfig, train_cfg: TrainConfig | None, n_tokens: int, block_size: int) -> ValWindows:
+def training_windows(n_tokens: int, block_size: int, train_cfg: TrainConfig, micro_batch_size: int) -> ValWindows:
+    """The val windows a training run scores at every evaluation: the whole split up to eval.val_tokens, else a
+    sample of that many tokens seeded by its seed, and at most eval.iters x `micro_batch_size` windows (the run
+    plan's micro-batch; eval.iters=0: no cap)."""
+    return select_windows(n_tokens, block_size, train_cfg.eval.val_tokens, train_cfg.seed,
+                          max_windows=train_cfg.eval.iters * micro_batch_size)
+
+
+def eval_windows(cfg: EvalRunConfig, ckpt: Checkpoint | None, n_tokens: int, block_size: int) -> ValWindows:
     """The val windows to score: by the val_tokens rule (the whole split up to val_tokens, else a seeded
-    sample of that many tokens), or with match_training the exact windows the training run logged (its
-    eval.iters cap, eval.val_tokens and seed). `limit` keeps the first N windows."""
-    defaults = train_cfg or TrainConfig()
-    val_tokens = cfg.val_tokens if cfg.val_tokens is not None else defaults.eval.val_tokens
-    seed = cfg.seed if cfg.seed is not None else defaults.seed
-    max_windows = 0
+    sample of that many tokens), or with match_training the exact windows the checkpoint's training run logged
+    (`training_windows` with its config and the micro-batch its saved run plan records). `limit` keeps the
+    first N windows."""
     if cfg.match_training:
-        if train_cfg is None:
+        if ckpt is None:
             raise UserError("match_training=true reproduces a training run's val windows; it needs checkpoint=RUN, "
                             "not pretrained=.")
-        micro = train_cfg.micro_batch_size if isinstance(train_cfg.micro_batch_size, int) else 0
-        max_windows = train_cfg.eval.iters * micro
-        val_tokens, seed = train_cfg.eval.val_tokens, train_cfg.seed
-    windows = select_windows(n_tokens, block_size, val_tokens, seed, max_windows=max_windows)
+        train_cfg = ckpt.train_config
+        micro = ckpt.plan.get("micro_batch_size")
+        if micro is None and train_cfg.eval.iters > 0:
+            raise UserError(f"match_training=true: {ckpt.path} does not record the micro-batch its run chose "
+                            f"(micro_batch_size=auto in an older checkpoint format), so its eval.iters="
+                            f"{train_cfg.eval.iters} cap cannot be reproduced; drop match_training.")
+        windows = training_windows(n_tokens, block_size, train_cfg, int(micro or 0))
+    else:
+        defaults = ckpt.train_config if ckpt is not None else TrainConfig()
+        val_tokens = cfg.val_tokens if cfg.val_tokens is not None else defaults.eval.val_tokens
+        seed = cfg.seed if cfg.seed is not None else defaults.seed
+        windows = select_windows(n_tokens, block_size, val_tokens, seed)
     if cfg.limit:
         windows = ValWindows(windows.starts[: cfg.limit], windows.skip[: cfg.limit], block_size,
                              full=windows.full and cfg.limit >= len(windows.starts),
@@ -72,7 +85,7 @@ def run_val_loss(cfg: EvalRunConfig, ckpt: Checkpoint | None, model: torch.nn.Mo
         raise UserError(f"block_size={block_size} exceeds the model's n_positions={model.cfg.n_positions}; "
                         f"lower block_size.")
     tokens = prepare_on_ranks(data, _val_tokenizer(ckpt, train_cfg)).stream("val")
-    windows = eval_windows(cfg, train_cfg, len(tokens), block_size)
+    windows = eval_windows(cfg, ckpt, len(tokens), block_size)
     res = val_loss(model, tokens, windows, batch_size=cfg.batch_size, device=device, autocast=autocast)
     return {"loss": res.loss, "perplexity": res.perplexity, "tokens": res.n_tokens, "items": res.n_windows,
             "full_split": res.full, "split_tokens": windows.n_split_tokens, "block_size": block_size}
@@ -107,12 +120,12 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
     # Rank 0 alone writes output_file, so it alone checks it (before loading): a check creates and removes
     # the folder, which would pull it from under another rank's check.
     output_file = check_writable("output_file", cfg.output_file) if cfg.output_file and rank == 0 else None
-    ranks = init_distributed(DistributedConfig(name="ddp" if world_size > 1 else "none"), cfg.device)
+    dist = init_distributed(DistributedConfig(name="ddp" if world_size > 1 else "none"), cfg.device)
     try:
-        precision = resolve_precision(cfg.dtype, ranks.device)
+        precision = resolve_precision(cfg.dtype, dist.device)
 
         def autocast() -> contextlib.AbstractContextManager:
-            return autocast_for(ranks.device, precision)
+            return autocast_for(dist.device, precision)
 
         lm_loaded = None  # the lm_eval:NAME tasks, loaded before the model: a dataset that cannot be fetched fails now
         if cfg.lm_eval_tasks:
@@ -121,26 +134,26 @@ def run_evals(cfg: EvalRunConfig, out: TextIO = sys.stdout) -> dict[str, Any]:
             lm_loaded = lm_eval_tasks.load_tasks(cfg.lm_eval_tasks, cfg.lm_eval, key="lm_eval")
         model, tokenizer, ckpt = load_for_inference(cfg.checkpoint, cfg.pretrained, cfg.tokenizer.path,
                                                     None if cfg.checkpoint else cfg.cache_dir)
-        model = model.to(ranks.device).eval()
+        model = model.to(dist.device).eval()
         cache_dir = ckpt.train_config.data.cache_dir if ckpt is not None else cfg.cache_dir
         results: dict[str, dict[str, Any]] = {}
         for task in cfg.tasks:
             t0 = time.perf_counter()
             if task == "val_loss":
-                res = run_val_loss(cfg, ckpt, model, ranks.device, autocast)
+                res = run_val_loss(cfg, ckpt, model, dist.device, autocast)
             elif task == "hellaswag":
-                res = run_hellaswag(cfg, cache_dir, tokenizer, model, ranks.device, autocast)
+                res = run_hellaswag(cfg, cache_dir, tokenizer, model, dist.device, autocast)
             else:
                 continue
             res["seconds"] = time.perf_counter() - t0
             results[task] = res
-        payload = {"model": cfg.checkpoint or cfg.pretrained, "device": str(ranks.device), "precision": precision,
-                   "world_size": ranks.world_size, "results": results}
+        payload = {"model": cfg.checkpoint or cfg.pretrained, "device": str(dist.device), "precision": precision,
+                   "world_size": dist.world_size, "results": results}
         if lm_loaded is not None:
-            lm = lm_eval_model.GPTLM(model, tokenizer, batch_size=cfg.batch_size, device=ranks.device,
+            lm = lm_eval_model.GPTLM(model, tokenizer, batch_size=cfg.batch_size, device=dist.device,
                                      autocast=autocast)
             payload["lm_eval"] = lm_eval_tasks.evaluate(lm, lm_loaded, cfg.lm_eval, cfg.limit)
-        if ranks.is_main:
+        if dist.is_main:
             if results:
                 out.write(format_table(results) + "\n")
             if lm_loaded is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 from torch import nn
 
 from gpt2.config import DistributedConfig
@@ -64,11 +64,11 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not torch_dist.is_initialized():
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if dev.type == "cuda" else "gloo")
         if backend == "nccl" and dev.type != "cuda":
             raise ConfigError("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPU.")
-        dist.init_process_group(
+        torch_dist.init_process_group(
             backend=backend,
             timeout=datetime.timedelta(seconds=cfg.timeout_s),
             device_id=dev if backend == "nccl" else None,
@@ -76,22 +76,22 @@ def init_distributed(cfg: DistributedConfig, device: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
 
 
-def local_ranks(device: str) -> DistInfo:
+def local_dist(device: str) -> DistInfo:
     """Where this process would sit in the job and compute, without joining a process group (the dry run)."""
     rank, world_size = launch.rank_and_world()
     return DistInfo(rank=rank, local_rank=launch.local_rank(), world_size=world_size,
                     device=resolve_device(device, launch.local_rank()))
 
 
-def wrap_model(model: nn.Module, cfg: DistributedConfig, ranks: DistInfo) -> nn.Module:
+def wrap_model(model: nn.Module, cfg: DistributedConfig, dist: DistInfo) -> nn.Module:
     """DDP-wrap or FSDP2-shard `model` (already on its device). FSDP2 shards in place, so the
     returned module is the model itself; with DDP the bare model is `returned.module`."""
-    if not ranks.enabled or cfg.name == "none":
+    if not dist.enabled or cfg.name == "none":
         return model
     if cfg.name == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        device_ids = [ranks.device.index] if ranks.device.type == "cuda" else None
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
@@ -117,28 +117,28 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of `value` over ranks (identity when not distributed)."""
-    if dist.is_initialized():
+    if torch_dist.is_initialized():
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        value /= torch_dist.get_world_size()
     return value
 
 
 def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. a preemption signal). A collective, so
     also a barrier; `device` defaults to this rank's GPU under nccl, else the CPU."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return flag
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        device = torch.device("cuda", torch.cuda.current_device()) if torch_dist.get_backend() == "nccl" else None
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -148,8 +148,8 @@ def all_ranks(flag: bool, device: torch.device | None = None) -> bool:
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 # --------------------------------------------------------------- rank 0 first
@@ -172,9 +172,9 @@ def main_rank_first(work: Callable[[], T], what: str, should_stop: Callable[[], 
     answering means rank 0 died: a UserError. An interruption (rank 0's `Interrupted`, or `should_stop`
     on a waiting rank) is an `Interrupted` on every rank.
     """
-    if not dist.is_initialized():
+    if not torch_dist.is_initialized():
         return work()
-    store = dist.distributed_c10d._get_default_store()
+    store = torch_dist.distributed_c10d._get_default_store()
     slug = re.sub(r"\W+", "-", what).strip("-")
     key = f"gpt2/main-rank-first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{next(_calls)}/{slug}"
     if launch.is_main():

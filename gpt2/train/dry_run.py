@@ -1,7 +1,8 @@
 """`python run_train.py dry_run=true`: what `train(cfg, output_dir)` would do, without preparing data,
-downloading, or training: the composed config, the run plan (resolved by the same `resolve_plan` as
-training), the parameter count, and the checks that ran. It works offline for every shipped experiment;
-micro_batch_size=auto is left to the GPU at start."""
+downloading, or training: the composed config, the run plan (resolved on the same path as
+gpt2.train.assembly.build_run: the checkpoint to resume, `planned_architecture`, `resolve_plan`), the
+parameter count, and the checks that ran. It works offline for every shipped experiment; the vocabulary is
+the planned one, and micro_batch_size=auto is left to the GPU at start."""
 
 from __future__ import annotations
 
@@ -11,33 +12,36 @@ from typing import Any
 import torch
 import yaml
 
-from gpt2.checkpoint.manager import CheckpointManager
 from gpt2.config import TrainConfig
 from gpt2.model.gpt import GPT
 from gpt2.runtime.device import detect_peak_flops
-from gpt2.runtime.distributed import local_ranks
+from gpt2.runtime.distributed import local_dist
 from gpt2.tokenizers.factory import load_named, planned_vocab
-from gpt2.train.plan import resolve_plan
+from gpt2.train.plan import RunPlan, Vocabulary, planned_architecture, resolve_plan
+from gpt2.train.resume import checkpoint_to_resume
 from gpt2.utils.serialize import to_dict
+
+
+def planned_vocabulary(cfg: TrainConfig) -> Vocabulary:
+    """The tokenizer's vocabulary without preparing anything: GPT-2's and our BPE's size are known, a
+    tokenizer=file is read (cheap)."""
+    n_vocab = planned_vocab(cfg.tokenizer)
+    if n_vocab is None:
+        n_vocab = load_named(cfg.tokenizer, cfg.data.cache_dir).n_vocab
+    return Vocabulary(n_vocab, f"tokenizer={cfg.tokenizer.name}")
 
 
 def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     """The dry run's report: config, plan, parameter count, checks."""
-    ranks = local_ranks(cfg.device)
-    resume = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
-
-    def vocab() -> tuple[int, str]:
-        n_vocab = planned_vocab(cfg.tokenizer)
-        if n_vocab is None:  # tokenizer=file: read it (cheap)
-            n_vocab = load_named(cfg.tokenizer, cfg.data.cache_dir).n_vocab
-        return n_vocab, f"tokenizer={cfg.tokenizer.name}"
-
-    plan = resolve_plan(cfg, ranks, vocab, resume, choose_micro_batch=None)
+    dist = local_dist(cfg.device)
+    resume = checkpoint_to_resume(cfg.resume, Path(output_dir))
+    architecture = planned_architecture(cfg, dist, resume)
+    plan = resolve_plan(cfg, dist, architecture, planned_vocabulary(cfg), resume, choose_micro_batch=None)
     with torch.device("meta"):
         model = GPT(plan.model)
     n_params = model.num_params()
-    budget = compute_budget(cfg, plan.tokens_per_step, model.flops_per_token(cfg.block_size),
-                            model.num_params(exclude_embeddings=True), ranks.world_size, ranks.device)
+    budget = compute_budget(cfg, plan, model.flops_per_token(cfg.block_size),
+                            model.num_params(exclude_embeddings=True), dist.device)
     lines = ["# composed config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(),
              "# run plan (derived)", yaml.safe_dump(to_dict(plan), sort_keys=False).rstrip(),
              "# compute budget", yaml.safe_dump(budget, sort_keys=False).rstrip(),
@@ -56,18 +60,19 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def compute_budget(cfg: TrainConfig, tokens_per_step: int, flops_per_token: float, n_6n: int, world_size: int,
+def compute_budget(cfg: TrainConfig, plan: RunPlan, flops_per_token: float, n_6n: int,
                    device: torch.device) -> dict[str, Any]:
     """The run's total tokens and training FLOPs (6N per token for the matmuls, N without the position
     embedding, plus 12 L H Q T for attention: GPT.flops_per_token), the tokens per GPU, and the time at
     budget.mfu of the GPU's dense bf16 peak (peak_flops=, else budget.gpu's, else the detected GPU's)."""
-    gpus = cfg.budget.gpus or world_size
-    tokens = tokens_per_step * cfg.max_steps
+    gpus = cfg.budget.gpus or plan.world_size
+    tokens_per_step = plan.tokens_per_step
+    tokens = tokens_per_step * plan.max_steps
     name = cfg.budget.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     peak = cfg.peak_flops or detect_peak_flops(name)
     flops = flops_per_token * tokens
     seconds = flops / (gpus * peak * cfg.budget.mfu) if peak else None
-    return {"tokens": tokens, "steps": cfg.max_steps, "tokens_per_step": tokens_per_step,
+    return {"tokens": tokens, "steps": plan.max_steps, "tokens_per_step": tokens_per_step,
             "tokens_per_gpu": tokens // gpus, "tokens_per_gpu_per_step": tokens_per_step // gpus,
             "flops_per_token": flops_per_token, "flops_6n_per_token": 6 * n_6n, "flops": flops, "gpus": gpus,
             "gpu": "peak_flops" if cfg.peak_flops else name,

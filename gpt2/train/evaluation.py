@@ -1,6 +1,7 @@
 """What a training run measures besides its loss: the val loss on fixed windows of each val split, HellaSwag,
-the lm-eval tasks, and a text sample, together with their cadences. The Trainer owns one `Evaluator` and calls
-it between steps; the scoring itself lives in gpt2.evals."""
+the lm-eval tasks, and a text sample, together with their cadences. The run (gpt2.train.assembly) builds one
+`Evaluator`; the Trainer calls `run` after the steps it is due (Trainer.evaluate); the scoring itself lives in
+gpt2.evals. Batch size, precision and run length come from the run plan."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from gpt2.config import TrainConfig
 from gpt2.data.shards import TokenStream
 from gpt2.errors import UserError
 from gpt2.evals import hellaswag
-from gpt2.evals.val_loss import select_windows, val_loss
+from gpt2.evals.runner import training_windows
+from gpt2.evals.val_loss import val_loss
 from gpt2.generate.sampling import generate
+from gpt2.runtime.device import autocast
 from gpt2.runtime.distributed import unwrap_model
 from gpt2.tokenizers.factory import AnyTokenizer
+from gpt2.train.plan import RunPlan
 
 if TYPE_CHECKING:
     from gpt2.evals.lm_eval_tasks import LoadedTasks
@@ -40,27 +44,29 @@ class Evaluator:
     def __init__(
         self,
         cfg: TrainConfig,
+        plan: RunPlan,
         model: nn.Module,
         val_splits: list[ValSplit],
         *,
-        batch_size: int,
         device: torch.device,
-        autocast: Callable[[], contextlib.AbstractContextManager],
         tokenizer: AnyTokenizer | None = None,
         hellaswag_items: list[hellaswag.Rendered] | None = None,
     ) -> None:
+        if plan.micro_batch_size is None:
+            raise UserError("evaluations need a run plan with the micro-batch chosen (resolve_plan with "
+                            "choose_micro_batch); a dry-run plan cannot evaluate.")
         self.cfg = cfg  # read only
+        self.plan = plan
         self.model = model  # possibly DDP/FSDP/compile-wrapped: the val loss runs through the wrapper
         self.raw_model = unwrap_model(model)
         self.val_splits = val_splits
-        self.batch_size = batch_size
+        self.batch_size = plan.micro_batch_size
         self.device = device
-        self.autocast = autocast
         self.tokenizer = tokenizer
         self.hellaswag_items = hellaswag_items  # needed when cfg.eval.hellaswag_interval > 0
         # The val loss is scored on the same windows at every evaluation: the whole split, or a seeded sample.
-        self.val_windows = [select_windows(len(split.tokens), cfg.block_size, cfg.eval.val_tokens, cfg.seed,
-                                           max_windows=cfg.eval.iters * batch_size) for split in val_splits]
+        self.val_windows = [training_windows(len(split.tokens), cfg.block_size, cfg, self.batch_size)
+                            for split in val_splits]
         self.lm_eval_tasks: LoadedTasks | None = None  # cfg.eval.lm_eval_tasks, loaded once (rank 0 downloads first)
         if cfg.eval.lm_eval_tasks:
             from gpt2.evals import lm_eval_tasks
@@ -68,6 +74,9 @@ class Evaluator:
             if tokenizer is None:
                 raise UserError("eval.lm_eval_tasks needs the run's tokenizer; pass it to the Trainer.")
             self.lm_eval_tasks = lm_eval_tasks.load_tasks(cfg.eval.lm_eval_tasks, cfg.eval.lm_eval, key="eval.lm_eval")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.plan.precision)
 
     # -------------------------------------------------------------- cadence
 
@@ -82,7 +91,7 @@ class Evaluator:
 
     def due(self, step: int) -> bool:
         """A periodic evaluation is due after `step` (the final one runs anyway, so it is never due here)."""
-        if step >= self.cfg.max_steps:
+        if step >= self.plan.max_steps:
             return False
         return any(n > 0 and step % n == 0 for n in self.intervals())
 
@@ -90,23 +99,18 @@ class Evaluator:
         """(HellaSwag, lm-eval tasks): which join the val loss at the evaluation after `step`. HellaSwag runs on
         its cadence and at the end when it has one; the lm-eval tasks on theirs and always at the end."""
         every, lm_every = self.cfg.eval.hellaswag_interval, self.cfg.eval.lm_eval_interval
-        final = step >= self.cfg.max_steps
+        final = step >= self.plan.max_steps
         return (every > 0 and (step % every == 0 or final),
                 self.lm_eval_tasks is not None and (final or (lm_every > 0 and step % lm_every == 0)))
-
-    def run(self, step: int, stop: Callable[[], bool]) -> dict[str, float]:
-        """The evaluation after `step`: the val loss, and what `extras` says."""
-        with_hellaswag, with_lm_eval = self.extras(step)
-        return self.evaluate(stop, with_hellaswag=with_hellaswag, with_lm_eval=with_lm_eval)
 
     # -------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def evaluate(self, stop: Callable[[], bool], with_hellaswag: bool = False,
-                 with_lm_eval: bool = False) -> dict[str, float]:
-        """Val loss over the fixed windows (split across ranks), and HellaSwag accuracy and the lm-eval tasks'
-        metrics (`lm_eval/<task>/<metric>`) when asked. Stops early (incomplete numbers) once `stop()` is true;
-        `stop` must give the same answer on every rank."""
+    def run(self, step: int, stop: Callable[[], bool]) -> dict[str, float]:
+        """The evaluation after `step`: the val loss over the fixed windows (split across ranks), and HellaSwag
+        accuracy and the lm-eval tasks' metrics (`lm_eval/<task>/<metric>`) when `extras` says so. Stops early
+        (incomplete numbers) once `stop()` is true; `stop` must give the same answer on every rank."""
+        with_hellaswag, with_lm_eval = self.extras(step)
         metrics = self._val_metrics(stop)
         if with_hellaswag and self.hellaswag_items and not stop():
             hs = hellaswag.score(self.raw_model, self.hellaswag_items, batch_size=self.batch_size,

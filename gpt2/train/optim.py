@@ -1,8 +1,8 @@
 """Optimizers (AdamW, Muon + AdamW) and the learning-rate schedule.
 
 The schedule is a pure function of the step, so resuming needs only the step number:
-the trainer sets each group's lr to ``group["peak_lr"] * lr_multiplier(step)`` before
-every optimizer step.
+the trainer sets each group's lr to ``group["peak_lr"] * lr_multiplier(...)`` before
+every optimizer step, with the warmup and length of the run plan.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from gpt2.config import OptimizerConfig, SchedulerConfig
 from gpt2.errors import ConfigError
 
 
-def lr_multiplier(step: int, cfg: SchedulerConfig, max_steps: int) -> float:
-    """Fraction of the peak lr at optimizer step `step` (0-based): linear warmup, then decay."""
-    warmup = cfg.warmup_for(max_steps)
+def lr_multiplier(step: int, cfg: SchedulerConfig, warmup: int, max_steps: int) -> float:
+    """Fraction of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps, then the
+    decay `cfg` names until `max_steps` (both from the run plan)."""
     if step < warmup:
         return (step + 1) / warmup
     if cfg.name == "constant":

@@ -1,14 +1,16 @@
 """The run plan: what a training run actually does, resolved once at start-up from the validated config,
-which is never written to afterwards (device, precision, world size, micro-batch and accumulation, the
-model config actually trained). `resolve_plan` is the one function that derives it, for training and for
-`python run_train.py dry_run=true` alike; the plan is logged, saved in every checkpoint's meta.json and
-printed by the dry run.
+which is never written to afterwards (device, precision, world size, micro-batch and accumulation, steps,
+warmup, the model config actually trained). `planned_architecture` and then `resolve_plan` derive it, for
+training (gpt2.train.assembly) and for `python run_train.py dry_run=true` alike; the plan is logged, saved in
+every checkpoint's meta.json and printed by the dry run. After start-up every derived value is read from the
+plan (the trainer, the schedule, the evaluations, the checkpoint cadence), never recomputed from the config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from gpt2.checkpoint.handle import Checkpoint
 from gpt2.config import ModelConfig, TrainConfig, check_batch
@@ -56,14 +58,23 @@ class RunPlan:
                 f"{self.max_steps:,} steps = {self.tokens_per_step * self.max_steps:,} tokens")
 
 
-def with_vocab(model: ModelConfig, n_vocab: int, tokenizer_id: str) -> ModelConfig:
+class Vocabulary(NamedTuple):
+    """What the plan needs of the tokenizer."""
+
+    n_vocab: int
+    """Token ids the model must embed."""
+    id: str
+    """The tokenizer's identity, for error messages (e.g. tiktoken's gpt2, or our BPE's hash)."""
+
+
+def with_vocab(model: ModelConfig, vocab: Vocabulary) -> ModelConfig:
     """`model` with vocab_size following the tokenizer (null), or UserError when a set one differs."""
     if model.vocab_size is None:
-        return replace(model, vocab_size=n_vocab)
-    if model.vocab_size != n_vocab:
-        raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's n_vocab={n_vocab} "
-                        f"({tokenizer_id}); set model.vocab_size=null to follow the tokenizer, or "
-                        f"model.vocab_size={n_vocab}.")
+        return replace(model, vocab_size=vocab.n_vocab)
+    if model.vocab_size != vocab.n_vocab:
+        raise UserError(f"model.vocab_size={model.vocab_size} does not match the tokenizer's n_vocab={vocab.n_vocab} "
+                        f"({vocab.id}); set model.vocab_size=null to follow the tokenizer, or "
+                        f"model.vocab_size={vocab.n_vocab}.")
     return model
 
 
@@ -84,26 +95,32 @@ def pretrained_architecture(name_or_dir: str) -> ModelConfig:
                         f"directory written by save_pretrained.") from None
 
 
-def resolve_plan(cfg: TrainConfig, ranks: DistInfo, vocab: Callable[[], tuple[int, str]], resume: Checkpoint | None,
-                 choose_micro_batch: Callable[[ModelConfig], int] | None) -> RunPlan:
-    """Derive the run plan from the validated config, where this process runs (`ranks`), the checkpoint being
-    resumed and the tokenizer: `vocab()` gives its (n_vocab, id) and is asked only after the resume checks,
-    since it may have to prepare the corpus first (training) or read a tokenizer file (the dry run).
+def planned_architecture(cfg: TrainConfig, dist: DistInfo, resume: Checkpoint | None) -> ModelConfig:
+    """The architecture this run trains, before the tokenizer is known: the checkpoint's when resuming (with the
+    new dropout), Hugging Face's with init.pretrained, else `cfg.model`. It runs the checks that need no
+    tokenizer first, so that they fail before hours of corpus preparation: the precision on this device, and a
+    resume that cannot carry over."""
+    resolve_precision(cfg.precision.name, dist.device)  # refuses bf16 on a GPU without it
+    if resume is not None:
+        return resume_model(cfg, resume)  # refuses changes that cannot carry over; logs the others
+    if cfg.init.pretrained:
+        arch = pretrained_architecture(cfg.init.pretrained)
+        return replace(arch, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
+    return cfg.model
+
+
+def resolve_plan(cfg: TrainConfig, dist: DistInfo, architecture: ModelConfig, vocab: Vocabulary,
+                 resume: Checkpoint | None, choose_micro_batch: Callable[[ModelConfig], int] | None) -> RunPlan:
+    """Derive the run plan from the validated config, where this process runs (`dist`), the architecture
+    (`planned_architecture`), the tokenizer's vocabulary and the checkpoint being resumed.
     `choose_micro_batch(model)` picks micro_batch_size=auto (on the GPU); without it (the dry run) an auto
     micro-batch stays unresolved in the plan. The batch rules run on the micro-batch actually used."""
-    precision = resolve_precision(cfg.precision.name, ranks.device)  # refuses bf16 on a GPU without it
-    if resume is not None:
-        model = resume_model(cfg, resume)  # refuses changes that cannot carry over
-    elif cfg.init.pretrained:
-        arch = pretrained_architecture(cfg.init.pretrained)
-        model = replace(arch, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
-    else:
-        model = cfg.model
-    n_vocab, tokenizer_id = vocab()
-    if cfg.init.pretrained and resume is None and model.vocab_size != n_vocab:
-        raise UserError(f"init.pretrained={cfg.init.pretrained} has vocab_size={model.vocab_size} but the tokenizer "
-                        f"has n_vocab={n_vocab}; use tokenizer=gpt2 with GPT-2 weights, or drop init.pretrained.")
-    model = with_vocab(model, n_vocab, tokenizer_id).for_device(ranks.device.type)  # pad: 64 on CUDA, else 1
+    precision = resolve_precision(cfg.precision.name, dist.device)
+    if cfg.init.pretrained and resume is None and architecture.vocab_size != vocab.n_vocab:
+        raise UserError(f"init.pretrained={cfg.init.pretrained} has vocab_size={architecture.vocab_size} but the "
+                        f"tokenizer has n_vocab={vocab.n_vocab}; use tokenizer=gpt2 with GPT-2 weights, or drop "
+                        f"init.pretrained.")
+    model = with_vocab(architecture, vocab).for_device(dist.device.type)  # pad: 64 on CUDA, else 1
     micro: int | None
     if cfg.micro_batch_size != "auto":
         micro = int(cfg.micro_batch_size)
@@ -111,8 +128,8 @@ def resolve_plan(cfg: TrainConfig, ranks: DistInfo, vocab: Callable[[], tuple[in
         micro = choose_micro_batch(model)
     else:
         micro = None
-    accum = check_batch(cfg, ranks.world_size, micro) if micro is not None else None
-    return RunPlan(device=str(ranks.device), precision=precision, world_size=ranks.world_size, micro_batch_size=micro,
+    accum = check_batch(cfg, dist.world_size, micro) if micro is not None else None
+    return RunPlan(device=str(dist.device), precision=precision, world_size=dist.world_size, micro_batch_size=micro,
                    grad_accum=accum, tokens_per_step=cfg.total_batch_tokens, max_steps=cfg.max_steps,
                    warmup_steps=cfg.scheduler.warmup_for(cfg.max_steps), model=model,
                    resume_from=str(resume.path) if resume else None)

@@ -14,8 +14,19 @@ import warnings
 from types import FrameType
 from typing import Any
 
+from gpt2.errors import Interrupted
+
 PREEMPTED_EXIT_CODE = 75
 """Exit status meaning "stopped early after preemption, checkpoint written, requeue me" (EX_TEMPFAIL)."""
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped early on purpose (preemption signal); a checkpoint was written (unless it came while the
+    corpus was being prepared). The entry point exits with `exit_code` so that a scheduler can requeue the job."""
+
+    def __init__(self, message: str, exit_code: int = PREEMPTED_EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PreemptionHandler:

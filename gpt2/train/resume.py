@@ -1,5 +1,6 @@
-"""What a resumed run keeps from its checkpoint: the architecture, with every other setting of the new
-config winning (a log line lists what changed), and a refusal for changes that cannot carry over."""
+"""Resuming: which checkpoint `resume=` names (`checkpoint_to_resume`), and what a resumed run keeps from it:
+the architecture, with every other setting of the new config winning (a log line lists what changed), and a
+refusal for changes that cannot carry over."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.format import RESUME_FIX
+from gpt2.checkpoint.handle import Checkpoint, find_checkpoint
 from gpt2.config import ModelConfig, TrainConfig
 from gpt2.errors import UserError
 from gpt2.utils.serialize import flatten, to_dict
@@ -22,6 +24,19 @@ FIXED_ON_RESUME = {
     "tokenizer": "the model's token ids belong to its tokenizer",
 }
 """Settings whose change on resume cannot carry over (beyond the model shape), and why."""
+
+
+def checkpoint_to_resume(resume: str | None, run_dir: Path) -> Checkpoint | None:
+    """The checkpoint a run continues: none without `resume`; with resume=auto the newest in this run dir (a
+    fresh start when there is none); a path must hold one (UserError otherwise)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_checkpoint(run_dir, required=False)
+        log.info("resume=auto: %s", f"resuming from {found.path}" if found else
+                 f"no checkpoint in {run_dir}, starting fresh")
+        return found
+    return find_checkpoint(resume, RESUME_FIX)
 
 
 def config_changes(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:

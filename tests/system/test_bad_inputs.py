@@ -260,9 +260,9 @@ def test_export_refuses_checkpoint_dirs_and_files(target: str, needle: str, run_
     captured = capsys.readouterr()
     one_error(stop.value.code, captured.out + captured.err, needle)
     assert snapshot(run_dir) == before
-    from gpt2.checkpoint.handle import Checkpoint
+    from gpt2.checkpoint.handle import find_checkpoint
 
-    Checkpoint.open(run_dir).model()  # ...and the checkpoint still loads
+    find_checkpoint(run_dir).model()  # ...and the checkpoint still loads
 
 
 @pytest.mark.slow

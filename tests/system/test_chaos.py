@@ -17,13 +17,11 @@ import pytest
 import torch
 from torch import nn
 
-from gpt2.checkpoint.format import read_meta
-from gpt2.checkpoint.store import find_latest
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.config import DataConfig
 from gpt2.data.corpus import load_prepared
 from gpt2.data.preprocess import prepare_data
 from tests.helpers import REPO, WORKERS, load_toy_checkpoint, run_train_cli, subprocess_env
-from tests.workers.tiny_lm import make
 
 
 @pytest.mark.slow
@@ -44,12 +42,12 @@ def test_sigkill_during_save_never_corrupts(tmp_path: Path) -> None:
             proc.wait()
         ckpt_dir = tmp_path / "checkpoints"
         interrupted += any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir())
-        latest = find_latest(tmp_path)
+        latest = find_checkpoint(tmp_path, required=False)
         assert latest is not None
-        step = read_meta(latest)["step"]
+        step = latest.step
         model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
         opt = torch.optim.AdamW(model.parameters())
-        loaded = load_toy_checkpoint(latest, model, opt, sharded=False)
+        loaded = load_toy_checkpoint(latest.path, model, opt, sharded=False)
         assert loaded.trainer_state == {"step": step} and loaded.rank_state == {"step": step}
         assert all(bool((p == step).all()) for p in model.parameters())  # every file from the same save
         assert all(bool((s["exp_avg"] == step).all()) for s in opt.state_dict()["state"].values())
@@ -64,12 +62,10 @@ CHECKPOINT_FILES = ("meta.json", "model.safetensors", "optimizer.pt", "trainer.p
 @pytest.mark.slow
 def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint(tmp_path: Path) -> None:
     """Kill the save loop at random moments (mostly inside retention's slow deletion of the previous
-    checkpoint): no ``step_*`` dir with COMPLETE may ever miss a file, and a manager started on the
-    dir afterwards removes the half-deleted leftovers."""
+    checkpoint): no ``step_*`` dir with COMPLETE may ever miss a file, and the start-up clean-up of a run
+    on the dir afterwards removes the half-deleted leftovers."""
     from gpt2.checkpoint.format import STEP_DIR
-    from gpt2.checkpoint.manager import CheckpointManager
-    from gpt2.config import CheckpointConfig
-    from tests.helpers import DictState
+    from gpt2.checkpoint.store import remove_interrupted
 
     worker = REPO / "tests" / "workers" / "retention_loop.py"
     rng = random.Random(0)
@@ -93,11 +89,9 @@ def test_sigkill_during_retention_never_leaves_a_complete_but_partial_checkpoint
             if STEP_DIR.match(p.name) and (p / "COMPLETE").exists():
                 missing = [f for f in CHECKPOINT_FILES if not (p / f).exists()]
                 assert not missing, f"{p.name} has COMPLETE but lacks {missing} (all: {sorted(names)})"
-        assert find_latest(tmp_path) is not None
+        assert find_checkpoint(tmp_path, required=False) is not None
     assert leftovers_seen, "no kill landed inside a deletion; the test proved nothing"
-    model, opt = make(0)
-    CheckpointManager(tmp_path, CheckpointConfig(), max_steps=1, model=model, optimizer=opt, trainer=DictState(),
-                      rank=DictState(), record={})
+    remove_interrupted(tmp_path)
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.endswith((".deleting", ".tmp"))]
 
 

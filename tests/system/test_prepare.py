@@ -49,7 +49,7 @@ def test_readme_first_command_data_path_with_handler_all_cores_fresh_cache(tmp_p
     code = f"""
 import os
 from gpt2.train.preemption import PreemptionHandler
-from gpt2.train.launch import prepare
+from gpt2.train.assembly import prepare
 from tests.helpers import compose_train
 cfg = compose_train(["experiment=shakespeare_cpu", "data.cache_dir={cache}", "tokenizer.path={tiktoken_file}"])
 assert cfg.data.num_proc == 0

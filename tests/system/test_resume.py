@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from gpt2.checkpoint.format import read_meta
-from gpt2.checkpoint.store import find_latest
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.data.loader import TokenLoader
 from gpt2.data.preprocess import prepare_data
 from gpt2.errors import UserError
@@ -203,14 +203,14 @@ def test_resume_auto_starts_fresh_then_continues(tmp_path: Path, base_overrides:
     first = run_train_cli([*args, "max_steps=3"], cwd=tmp_path)
     assert first.run_dir == run_dir
     assert f"resume=auto: no checkpoint in {run_dir}, starting fresh" in first.proc.stdout
-    assert find_latest(run_dir) == run_dir / "checkpoints" / "step_00000003"  # the final one
+    assert find_checkpoint(run_dir).path == run_dir / "checkpoints" / "step_00000003"  # the final one
     second = run_train_cli([*args, "max_steps=5"], cwd=tmp_path)
     log = second.proc.stdout
     assert f"resume=auto: resuming from {run_dir / 'checkpoints' / 'step_00000003'}" in log, log
     assert "step 4/5" in log and "step 1/5" not in log
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5]  # appended to the same metrics file
-    assert find_latest(run_dir) == run_dir / "checkpoints" / "step_00000005"
+    assert find_checkpoint(run_dir).path == run_dir / "checkpoints" / "step_00000005"
 
 
 @pytest.mark.slow
@@ -255,9 +255,9 @@ def test_sigterm_then_sigusr1_checkpoint_exit_75_and_resume_exactly(
         out = launch.output()
         no_traceback(out)
         assert f"{sig.name} received; will save a checkpoint" in out
-        latest = find_latest(run_dir)
+        latest = find_checkpoint(run_dir, required=False)
         assert latest is not None, out
-        step = read_meta(latest)["step"]
+        step = latest.step
         assert f"preempted at step {step}; checkpoint saved, resume with resume=auto (exit code 75)" in out, out
         assert 1 <= step < 20
         stopped_at.append(step)
@@ -303,9 +303,9 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_then_resumes(tmp_path: Path,
         proc.wait(120)
     output = (tmp_path / "torchrun.out").read_text()
     assert output.count("SIGTERM received; will save a checkpoint") == 2, output  # each rank, once
-    ckpt = find_latest(run_dir)
-    assert ckpt is not None, output
-    step = read_meta(ckpt)["step"]
+    found = find_checkpoint(run_dir, required=False)
+    assert found is not None, output
+    ckpt, step = found.path, found.step
     assert f"preempted at step {step}" in output and step < 8
     assert (ckpt / "rank_00000.pt").exists() and (ckpt / "rank_00001.pt").exists()
     resumed = run_torchrun(args, cwd=tmp_path)
@@ -348,7 +348,7 @@ def test_second_signal_during_save_exits_at_once(tmp_path: Path, base_overrides:
     else:
         pytest.fail("the preemption checkpoint was never caught in progress in 3 tries")
     assert "second SIGTERM received; exiting immediately" in launch.output()
-    assert find_latest(run_dir) is None  # the half-written checkpoint is not taken for a valid one
+    assert find_checkpoint(run_dir, required=False) is None  # the half-written checkpoint is not taken for a valid one
 
 
 @pytest.mark.slow
@@ -410,7 +410,7 @@ def test_unwritable_checkpoint_keeps_earlier_ones(tmp_path: Path, base_overrides
     assert f"could not write checkpoint to {ckpts / 'step_00000006'}" in result.proc.stderr, out
     assert "earlier checkpoints are intact" in result.proc.stderr
     assert {p.name: (p / "model.safetensors").read_bytes() for p in ckpts.glob("step_*[0-9]")} == before
-    assert find_latest(run_dir) == ckpts / "step_00000004"
+    assert find_checkpoint(run_dir).path == ckpts / "step_00000004"
 
 
 @pytest.mark.slow
@@ -519,7 +519,7 @@ the same mechanism whatever the tokenizer."""
 def test_a_resume_at_another_world_size_continues_with_the_same_global_batches(
         tmp_path: Path, bpe_cache: Path) -> None:
     from gpt2.data.loader import TokenLoader
-    from gpt2.train.launch import prepare
+    from gpt2.train.assembly import prepare
 
     common = bpe_overrides(bpe_cache, *WORLD, "distributed=ddp")
     one = run_train_cli([*common, f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)

@@ -18,8 +18,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from gpt2.checkpoint.format import read_meta  # noqa: E402
-from gpt2.checkpoint.store import find_latest  # noqa: E402
+from gpt2.checkpoint.handle import find_checkpoint  # noqa: E402
 from gpt2.runtime.distributed import any_rank  # noqa: E402
 from gpt2.train.preemption import PreemptionHandler  # noqa: E402
 from tests.helpers import load_toy_checkpoint, save_toy_checkpoint  # noqa: E402
@@ -31,8 +30,8 @@ def _main_save_loop(root: str) -> None:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 512)).sum().backward()
     opt.step()
-    latest = find_latest(root)
-    step = read_meta(latest)["step"] + 1 if latest else 1
+    latest = find_checkpoint(root, required=False)
+    step = latest.step + 1 if latest else 1
     while True:
         with torch.no_grad():
             for p in model.parameters():

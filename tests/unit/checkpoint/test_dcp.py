@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt2.checkpoint.format import load_model_state, read_meta
-from gpt2.checkpoint.store import find_latest
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.errors import UserError
 from tests.helpers import MaliciousPickle, load_toy_checkpoint, run_checkpoint_worker, save_toy
 from tests.workers.tiny_lm import make, train_step
@@ -38,8 +38,8 @@ def test_fsdp2_sharded_save_load_on_two_and_one_ranks(tmp_path: Path) -> None:
         torch.testing.assert_close(res["got2"][k], res["ref2"][k])
     for r in (0, 1):
         assert torch.load(tmp_path / f"rank_state{r}.pt", weights_only=True) == {"rank": r}
-    ckpt = find_latest(tmp_path / "run")
-    assert ckpt is not None and (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()
+    ckpt = find_checkpoint(tmp_path / "run").path
+    assert (ckpt / "dcp").is_dir() and not (ckpt / "model.safetensors").exists()
     meta = read_meta(ckpt)
     assert meta["sharded"] is True and meta["world_size"] == 2
 

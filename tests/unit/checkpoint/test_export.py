@@ -29,7 +29,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     import transformers
 
     from gpt2.checkpoint.export import export_checkpoint
-    from gpt2.checkpoint.handle import Checkpoint
+    from gpt2.checkpoint.handle import find_checkpoint
 
     run = tmp_path / "run"
     steps = ["max_steps=2", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=4", "total_batch_tokens=256",
@@ -41,7 +41,7 @@ def test_export_round_trip_with_transformers(kind: str, bpe_cache: Path, base_ov
     assert expected <= {p.name for p in out.iterdir()} and "tokenizer_config.json" in {p.name for p in out.iterdir()}
     vocab_file = next(a.split("=", 1)[1] for a in base_overrides if a.startswith("tokenizer.path="))
     vocab_file = vocab_file if kind == "gpt2" else None
-    ours = Checkpoint.open(run).tokenizer(vocab_file)
+    ours = find_checkpoint(run).tokenizer(vocab_file)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for s in EXPORT_STRINGS:
         assert hf_tok(s)["input_ids"] == ours.encode(s), s

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpt2.checkpoint.format import FORMAT, META
-from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.train.launch import train
 from tests.helpers import compose_train
 from tests.unit.evals.common import tricky_items, write_jsonl
@@ -61,7 +61,7 @@ def test_run_eval_reads_meta_json_once(three_checkpoints: Path, tmp_path: Path, 
 
 
 def test_the_handle_gives_config_model_and_tokenizer(three_checkpoints: Path, meta_reads: list[str]) -> None:
-    ckpt = Checkpoint.open(three_checkpoints)
+    ckpt = find_checkpoint(three_checkpoints)
     assert ckpt.step == 3 and ckpt.path.name == "step_00000003" and ckpt.meta["format"] == FORMAT
     assert ckpt.model_config.vocab_size == 50257 and ckpt.train_config.max_steps == 3
     assert ckpt.model().cfg == ckpt.model_config and ckpt.tokenizer().n_vocab == 50257
@@ -76,9 +76,10 @@ def test_a_format_1_meta_is_upgraded_once_when_read(three_checkpoints: Path, tmp
     meta = json.loads((old / META).read_text())
     meta = {k: v for k, v in meta.items() if k not in ("plan", "tokenizer")} | {"format": 1}  # as format 1 wrote it
     (old / META).write_text(json.dumps(meta))
-    ckpt = Checkpoint.open(old)
+    ckpt = find_checkpoint(old)
     assert ckpt.meta["format"] == FORMAT and ckpt.tokenizer_record["kind"] == "gpt2"
     assert ckpt.model_config.n_layer == 2 and ckpt.model_config.vocab_size is None  # the config's model, as saved
+    assert ckpt.plan["micro_batch_size"] == 2  # the config's: a number, so no auto choice to record
 
 
 def test_a_saved_config_with_keys_that_moved_is_read_at_their_new_places(three_checkpoints: Path,
@@ -99,6 +100,6 @@ def test_a_saved_config_with_keys_that_moved_is_read_at_their_new_places(three_c
         config["eval"].pop(key)
         config[{"interval": "eval_interval", "iters": "eval_iters"}.get(key, key)] = value
     (old / META).write_text(json.dumps(meta))
-    cfg = Checkpoint.open(old).train_config
+    cfg = find_checkpoint(old).train_config
     assert cfg.tokenizer.path == vocab and vocab
     assert {key: getattr(cfg.eval, key) for key in moved} == moved

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from gpt2.checkpoint.format import load_model_state, read_meta
-from gpt2.checkpoint.store import find_latest, resolve_checkpoint
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.errors import UserError
 from gpt2.train.rng import capture_rng_state
 from tests.helpers import MaliciousPickle, load_toy_checkpoint, save_toy
@@ -95,7 +95,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     first = save_toy(tmp_path, 1, model, opt)
     with pytest.raises(Exception, match="lambda|pickle"):
         save_toy(tmp_path, 2, model, opt, trainer_state={"bad": lambda: 0})
-    assert find_latest(tmp_path) == first
+    assert find_checkpoint(tmp_path).path == first
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
     load_toy_checkpoint(tmp_path, make(1)[0], None, sharded=False)
 
@@ -112,7 +112,7 @@ def test_disk_full_on_tmpfs(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"could not write checkpoint to .*step_00000002.*No space left.*intact"):
             save_toy(mnt, 2, model, opt, rank_state=big)
         assert sorted(p.name for p in (mnt / "checkpoints").iterdir()) == ["step_00000001"]
-        assert resolve_checkpoint(mnt)[0] == first
+        assert find_checkpoint(mnt).path == first
         load_toy_checkpoint(mnt, make(1)[0], make(1)[1], sharded=False)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
@@ -137,7 +137,7 @@ def test_enospc_at_rename_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         save_toy(tmp_path, 2, model, opt)
     monkeypatch.undo()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
-    assert find_latest(tmp_path) == first
+    assert find_checkpoint(tmp_path).path == first
 
 
 def test_resave_same_step_replaces(tmp_path: Path) -> None:

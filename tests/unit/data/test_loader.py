@@ -87,11 +87,17 @@ def test_loader_resumes_at_another_world_size_with_the_next_global_windows(count
     assert _windows(one, 20) == _windows(reference, 20)
 
 
-def test_loader_reads_a_per_rank_position_of_an_older_checkpoint(counting_file: TokenStream) -> None:
-    """Format 1 saved (epoch, position) in each rank's share perm[rank::world]: the same windows follow."""
+def test_loader_resumes_the_per_rank_position_of_an_older_checkpoint(counting_file: TokenStream,
+                                                                     tmp_path: Path) -> None:
+    """Format 1 saved (epoch, position) in each rank's share perm[rank::world] in the rank files; read through
+    the checkpoint format's upgrade, the same windows follow."""
+    from gpt2.checkpoint.format import rank_file, torch_save, upgrade_trainer_state
+
+    torch_save({"train_loader": {"epoch": 0, "position": 100, "world_size": 2, "seed": 9, "shuffle": 1,
+                                 "block_size": 16, "n_windows": 625}}, tmp_path / rank_file(0))
+    state = upgrade_trainer_state({"step": 3}, tmp_path)
     loader = TokenLoader(counting_file, batch_size=4, block_size=16, rank=1, world_size=2, seed=9)
-    loader.load_state_dict({"epoch": 0, "position": 100, "world_size": 2, "seed": 9, "shuffle": 1,
-                            "block_size": 16, "n_windows": 625})
+    loader.load_state_dict(state["train_loader"])
     perm = np.random.default_rng(9).permutation(625)
     assert _windows(loader, 1) == perm[1::2][100:104].tolist()
 

@@ -101,3 +101,31 @@ def test_run_eval_scores_the_whole_small_split_unless_asked_for_the_training_win
     same = run_evals(EvalRunConfig(checkpoint=str(run), tasks=["val_loss"], device="cpu", dtype="fp32", batch_size=4,
                                    match_training=True), io.StringIO())["results"]["val_loss"]
     assert same["tokens"] == logged["val/tokens"] and same["loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+
+
+def test_match_training_reads_the_micro_batch_the_run_plan_chose(tmp_path: Path, base_overrides: list[str]) -> None:
+    """With micro_batch_size=auto the run plan's choice (2 here, from the chooser the GPU probe would be) caps
+    the logged val loss at eval.iters x 2 windows. The config saved with the checkpoint says only "auto";
+    match_training reads the choice from the saved plan and reproduces the logged number exactly."""
+    from gpt2.config import EvalRunConfig
+    from gpt2.evals.runner import run_evals
+    from gpt2.train.assembly import build_run
+    from gpt2.train.metrics import read_metrics
+    from gpt2.train.trainer import Trainer
+    from tests.helpers import compose_train, cpu_dist
+
+    cfg = compose_train([*base_overrides, "max_steps=2", "eval.interval=0", "eval.iters=3", "micro_batch_size=auto",
+                         "block_size=64", "total_batch_tokens=256", "eval.sample_tokens=0"])
+    run = build_run(cfg, cpu_dist(), tmp_path / "run", choose_micro_batch=lambda model: 2)
+    assert (run.plan.micro_batch_size, run.plan.grad_accum, cfg.micro_batch_size) == (2, 2, "auto")
+    assert run.logger is not None
+    try:
+        Trainer(run).fit()
+    finally:
+        run.logger.finish()
+    logged = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in r][-1]
+    assert logged["val/tokens"] == 3 * 2 * 64  # eval.iters x the plan's micro-batch windows of block_size
+    same = run_evals(EvalRunConfig(checkpoint=str(tmp_path / "run"), tasks=["val_loss"], device="cpu", dtype="fp32",
+                                   batch_size=2, match_training=True), io.StringIO())["results"]["val_loss"]
+    assert (same["tokens"], same["loss"]) == (logged["val/tokens"], logged["val/loss"])
+    assert not same["full_split"] and same["split_tokens"] > 100 * same["tokens"]  # uncapped would be the split

@@ -198,7 +198,7 @@ def test_loss_matches_the_upcast_reference(precision: str, pad: int) -> None:
 
 
 def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
-    from gpt2.checkpoint.handle import Checkpoint
+    from gpt2.checkpoint.handle import find_checkpoint
 
     padded, plain = twins()
     assert padded.transformer.wte.weight.shape == (128, 64)
@@ -231,7 +231,7 @@ def test_padded_vocab_never_leaks(tmp_path: Path) -> None:
     with safe_open(tmp_path / "checkpoints" / "step_00000001" / "model.safetensors", framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes["transformer.wte.weight"] == (V, 64) and "lm_head.weight" not in shapes
-    ckpt = Checkpoint.open(tmp_path)
+    ckpt = find_checkpoint(tmp_path)
     cfg, loaded = ckpt.model_config, ckpt.state_dict()
     assert cfg.pad_vocab_multiple == 64
     for pad in (64, 1):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt2.checkpoint.export import export_checkpoint
-from gpt2.checkpoint.handle import Checkpoint
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.config import ModelConfig
 from gpt2.errors import ConfigError, UserError
 from gpt2.model.gpt import GPT, model_from_state_dict
@@ -245,7 +245,7 @@ def test_switches_compose_from_hydra_overrides() -> None:
 def test_switched_checkpoint_round_trips(tmp_path: Path) -> None:
     model = switched_model(pad_vocab_multiple=64)
     save_model_checkpoint(tmp_path, 1, model)
-    ckpt = Checkpoint.open(tmp_path)
+    ckpt = find_checkpoint(tmp_path)
     assert ckpt.model_config == model.cfg
     loaded = ckpt.model().eval()
     assert loaded.lm_head.weight is not loaded.transformer.wte.weight
@@ -265,7 +265,7 @@ def test_old_checkpoint_without_switch_keys_loads_as_gpt2(tmp_path: Path) -> Non
     assert new <= set(meta["plan"]["model"])
     meta["plan"]["model"] = {k: v for k, v in meta["plan"]["model"].items() if k not in new}
     meta_file.write_text(json.dumps(meta))
-    ckpt = Checkpoint.open(tmp_path)
+    ckpt = find_checkpoint(tmp_path)
     assert ckpt.model_config == model.cfg and ckpt.model_config.non_gpt2_switches() == []
     idx = torch.randint(0, V, (1, 9))
     torch.testing.assert_close(ckpt.model().eval()(idx).logits, model(idx).logits, rtol=0, atol=0)

@@ -15,8 +15,8 @@ def test_ddp_without_torchrun_warns(monkeypatch: pytest.MonkeyPatch, caplog: pyt
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     with caplog.at_level(logging.WARNING, logger="gpt2"):
-        ranks = init_distributed(DistributedConfig(name="ddp"), "cpu")
-    assert ranks.world_size == 1
+        dist = init_distributed(DistributedConfig(name="ddp"), "cpu")
+    assert dist.world_size == 1
     assert re.search(r"distributed=ddp .* one plain process .* torchrun --nproc_per_node=N run_train.py "
                      r"distributed=ddp", caplog.text), caplog.text
     caplog.clear()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gpt2.checkpoint.format import read_meta
-from gpt2.checkpoint.store import find_latest
+from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.config import DataConfig, GenerateConfig, TokenizerConfig
 from gpt2.data.preprocess import prepare_data, run_tokenizer
 from gpt2.data.sources import shakespeare_files
@@ -64,7 +64,7 @@ def test_tiny_model_trains_checkpoints_resumes_and_generates(bpe_tok: HFTokenize
                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(compose_train(bpe_overrides(bpe_cache, "max_steps=3", "checkpoint.interval=3")), run)
-    ckpt = find_latest(run)
+    ckpt = find_checkpoint(run).path
     meta = read_meta(ckpt)
     assert meta["plan"]["model"]["vocab_size"] == 4096  # null in the preset: follows the tokenizer
     assert meta["tokenizer"]["id"] == bpe_tok.id and (ckpt / TOKENIZER_FILE).read_text() == bpe_tok.json_text
@@ -74,16 +74,15 @@ def test_tiny_model_trains_checkpoints_resumes_and_generates(bpe_tok: HFTokenize
     assert prepared.meta["tokenizer"] == bpe_tok.id
 
     final = train(compose_train(bpe_overrides(bpe_cache, "max_steps=5", "resume=auto")), run)
-    assert np.isfinite(final) and read_meta(find_latest(run))["step"] == 5
+    assert np.isfinite(final) and find_checkpoint(run).step == 5
 
     out = io.StringIO()
     cfg = GenerateConfig(checkpoint=str(run), prompt="ROMEO:", max_new_tokens=12, temperature=0, device="cpu")
     [text] = generate_samples(cfg, out)
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
     # the same ids decoded by hand with the checkpoint's tokenizer.json
-    from gpt2.checkpoint.handle import Checkpoint
 
-    model = Checkpoint.open(run).model()
+    model = find_checkpoint(run).model()
     ids = bpe_tok.encode("ROMEO:")
     with torch.no_grad():
         for _ in range(12):
@@ -128,7 +127,7 @@ def test_vocab_above_65535_stores_uint32_and_trains(bpe_tok: HFTokenizer, bpe_ca
     train_ids = np.asarray(prepared.stream("train")[: len(prepared.stream("train"))])
     assert prepared.meta["dtype"] == "uint32" and train_ids.dtype == np.uint32 and train_ids.max() > 65_535
     assert np.isfinite(train(cfg, tmp_path / "run"))
-    assert read_meta(find_latest(tmp_path / "run"))["plan"]["model"]["vocab_size"] == 66_096
+    assert find_checkpoint(tmp_path / "run").plan["model"]["vocab_size"] == 66_096
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -142,7 +141,7 @@ def test_generate_refuses_a_gpt2_vocabulary_file_for_a_bpe_checkpoint(bpe_cache:
                                                             tiktoken_file: str) -> None:
     run = tmp_path / "run"
     train(compose_train(bpe_overrides(bpe_cache, "max_steps=1", "eval.iters=1")), run)
-    meta_tok = json.loads((find_latest(run) / "meta.json").read_text())["tokenizer"]
+    meta_tok = json.loads((find_checkpoint(run).path / "meta.json").read_text())["tokenizer"]
     assert meta_tok["kind"] == "hf"
     line = one_error_line(run_entry("run_generate.py", [f"checkpoint={run}", f"tokenizer.path={tiktoken_file}",
                                                       "device=cpu", "max_new_tokens=2"], tmp_path))

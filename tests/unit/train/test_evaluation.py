@@ -3,7 +3,6 @@ of its sources' (each the same number a single-corpus evaluation of that source 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,14 +13,16 @@ import torch
 from gpt2.data.shards import TokenStream, write_shard
 from gpt2.model.gpt import GPT
 from gpt2.train.evaluation import Evaluator, ValSplit
-from tests.helpers import CPU, compose_train
+from gpt2.train.plan import Vocabulary, resolve_plan
+from tests.helpers import CPU, compose_train, cpu_dist
 
 
 def evaluator(overrides: list[str], splits: list[ValSplit] | None = None) -> Evaluator:
-    cfg = compose_train(["debug=cpu", "block_size=32", "eval.iters=0", *overrides])
+    cfg = compose_train(["debug=cpu", "block_size=32", "micro_batch_size=4", "eval.iters=0", *overrides])
     torch.manual_seed(0)
     model = GPT(replace(cfg.model, vocab_size=256, n_positions=32))
-    return Evaluator(cfg, model, splits or [], batch_size=4, device=CPU, autocast=contextlib.nullcontext)
+    plan = resolve_plan(cfg, cpu_dist(), model.cfg, Vocabulary(256, "bytes"), None, None)
+    return Evaluator(cfg, plan, model, splits or [], device=CPU)
 
 
 @pytest.mark.parametrize(("val_every", "hellaswag_every", "due", "with_hellaswag"), [
@@ -50,8 +51,8 @@ def test_a_mixtures_val_loss_is_the_weighted_mean_of_its_sources(tmp_path: Path)
         streams[name] = TokenStream([tmp_path / f"{name}.bin"])
     splits = [ValSplit("books", 0.25, streams["books"]), ValSplit("code", 0.75, streams["code"])]
     never = lambda: False  # noqa: E731
-    mixed = evaluator([], splits).evaluate(never)
-    alone = {s.name: evaluator([], [ValSplit("", 1.0, s.tokens)]).evaluate(never) for s in splits}
+    mixed = evaluator([], splits).run(0, never)
+    alone = {s.name: evaluator([], [ValSplit("", 1.0, s.tokens)]).run(0, never) for s in splits}
     for name in ("books", "code"):
         assert mixed[f"val/{name}/loss"] == pytest.approx(alone[name]["val/loss"], rel=1e-6)
         assert mixed[f"val/{name}/tokens"] == alone[name]["val/tokens"] > 0

@@ -16,7 +16,9 @@ def test_default_warmup_follows_the_run_length() -> None:
 
     sched = SchedulerConfig()
     assert [sched.warmup_for(n) for n in (1, 5, 50, 300, 1000, 20000)] == [0, 0, 5, 30, 100, 100]
-    assert lr_multiplier(0, sched, 50) == pytest.approx(1 / 5) and lr_multiplier(5, sched, 50) == pytest.approx(1.0)
+    warmup = sched.warmup_for(50)  # what the run plan holds
+    assert lr_multiplier(0, sched, warmup, 50) == pytest.approx(1 / 5)
+    assert lr_multiplier(5, sched, warmup, 50) == pytest.approx(1.0)
     validate(compose_train(["model=tiny", "max_steps=5"]))  # the derived warmup fits the run: 0 steps
     with pytest.raises(ConfigError, match="warmup_steps=10 exceeds max_steps=5"):  # an explicit value is kept
         validate(compose_train(["model=tiny", "max_steps=5", "scheduler.warmup_steps=10"]))
@@ -27,15 +29,15 @@ def test_schedule_shapes_at_warmup_middle_and_end(name: str, middle: float, end:
     from gpt2.train.optim import lr_multiplier
 
     sched = SchedulerConfig(name=name, warmup_steps=10, min_lr_ratio=0.1)
-    warmup = [lr_multiplier(s, sched, 110) for s in range(10)]
+    warmup = [lr_multiplier(s, sched, 10, 110) for s in range(10)]
     assert warmup == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear from 1/10 to the peak
-    assert lr_multiplier(10, sched, 110) == pytest.approx(1.0)  # the peak right after warmup
-    assert lr_multiplier(60, sched, 110) == pytest.approx(middle)  # half way through the decay
-    assert lr_multiplier(110, sched, 110) == pytest.approx(end)
+    assert lr_multiplier(10, sched, 10, 110) == pytest.approx(1.0)  # the peak right after warmup
+    assert lr_multiplier(60, sched, 10, 110) == pytest.approx(middle)  # half way through the decay
+    assert lr_multiplier(110, sched, 10, 110) == pytest.approx(end)
     if name == "cosine":  # slower than linear at the start of the decay, faster at its end
         linear = SchedulerConfig(name="linear", warmup_steps=10, min_lr_ratio=0.1)
-        assert lr_multiplier(30, sched, 110) > lr_multiplier(30, linear, 110)
-        assert lr_multiplier(90, sched, 110) < lr_multiplier(90, linear, 110)
+        assert lr_multiplier(30, sched, 10, 110) > lr_multiplier(30, linear, 10, 110)
+        assert lr_multiplier(90, sched, 10, 110) < lr_multiplier(90, linear, 10, 110)
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest() -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from gpt2.checkpoint.format import read_meta
+from gpt2.checkpoint.handle import Checkpoint
 from gpt2.errors import ConfigError, UserError
 from gpt2.train.launch import train
+from gpt2.train.plan import RunPlan
 from tests.helpers import CONF, REPO, TINY_RUN, bpe_overrides, compose_train, run_train_cli, subprocess_env
 
 
@@ -58,47 +60,48 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path: Path, base_overrid
     assert bad.proc.returncode == 2 and bad.proc.stderr.startswith("error: total_batch_tokens=512 is not divisible")
 
 
-def _never(*_: object) -> tuple[int, str]:
-    raise AssertionError("the tokenizer was asked for before the config and resume checks")
-
-
 def test_resolve_plan_follows_the_tokenizer_the_device_and_the_chosen_micro_batch() -> None:
-    from gpt2.train.plan import resolve_plan
-    from tests.helpers import cpu_ranks
+    from gpt2.train.plan import Vocabulary, resolve_plan
+    from tests.helpers import cpu_dist
 
     cfg = compose_train(["debug=cpu", "total_batch_tokens=1024", "block_size=32", "micro_batch_size=auto"])
-    plan = resolve_plan(cfg, cpu_ranks(), lambda: (4096, "hf-test"), None, choose_micro_batch=None)
+    bpe = Vocabulary(4096, "hf-test")
+    plan = resolve_plan(cfg, cpu_dist(), cfg.model, bpe, None, choose_micro_batch=None)
     assert plan.micro_batch_size is None and plan.grad_accum is None  # the dry run: left to the GPU
     assert plan.model.vocab_size == 4096 and plan.model.pad_vocab_multiple == 1 and cfg.model.vocab_size is None
-    chosen = resolve_plan(cfg, cpu_ranks(), lambda: (4096, "hf-test"), None, choose_micro_batch=lambda model: 8)
+    chosen = resolve_plan(cfg, cpu_dist(), cfg.model, bpe, None, choose_micro_batch=lambda model: 8)
     assert (chosen.micro_batch_size, chosen.grad_accum) == (8, 4)  # the batch rules run on the chosen size
     with pytest.raises(ConfigError, match="micro_batch_size \\* block_size \\* world_size = 5 \\* 32 \\* 1 = 160"):
-        resolve_plan(cfg, cpu_ranks(), lambda: (4096, "hf-test"), None, choose_micro_batch=lambda model: 5)
+        resolve_plan(cfg, cpu_dist(), cfg.model, bpe, None, choose_micro_batch=lambda model: 5)
     fixed = compose_train(["debug=cpu", "model.vocab_size=50257"])
     with pytest.raises(UserError, match="model.vocab_size=50257 does not match the tokenizer's n_vocab=4096"):
-        resolve_plan(fixed, cpu_ranks(), lambda: (4096, "hf-test"), None, choose_micro_batch=None)
+        resolve_plan(fixed, cpu_dist(), fixed.model, bpe, None, choose_micro_batch=None)
 
 
-def test_resume_and_pretrained_define_the_architecture_before_the_tokenizer_is_read(
+def test_resume_and_pretrained_define_the_architecture_before_the_tokenizer_is_known(
         tmp_path: Path, base_overrides: list[str]) -> None:
-    from gpt2.checkpoint.handle import Checkpoint
-    from gpt2.train.plan import resolve_plan
-    from tests.helpers import cpu_ranks
+    from gpt2.checkpoint.handle import find_checkpoint
+    from gpt2.train.plan import Vocabulary, planned_architecture, resolve_plan
+    from tests.helpers import cpu_dist
+
+    def plan(overrides: list[str], vocab: Vocabulary, resume: Checkpoint | None) -> RunPlan:
+        cfg = compose_train([*args, *overrides])
+        return resolve_plan(cfg, cpu_dist(), planned_architecture(cfg, cpu_dist(), resume), vocab, resume, None)
 
     args = [*base_overrides, "max_steps=1", "eval.interval=0", "eval.iters=1", "eval.sample_tokens=0",
             "total_batch_tokens=256", "micro_batch_size=2", "block_size=128"]
     train(compose_train(args), tmp_path / "run")
-    ckpt = Checkpoint.open(tmp_path / "run")
-    plan = resolve_plan(compose_train([*args, "model.dropout=0.1"]), cpu_ranks(), lambda: (50257, "gpt2"), ckpt,
-                        None)
-    assert plan.model == dataclasses.replace(ckpt.model_config, dropout=0.1) and plan.resume_from == str(ckpt.path)
-    with pytest.raises(UserError, match="model.n_layer=3 .*changes the weights' shapes"):
-        resolve_plan(compose_train([*args, "model.n_layer=3"]), cpu_ranks(), _never, ckpt, None)
-    medium = resolve_plan(compose_train([*args, "init.pretrained=gpt2-medium"]), cpu_ranks(),
-                          lambda: (50257, "gpt2"), None, None)  # the hub preset: no download to plan it
+    ckpt = find_checkpoint(tmp_path / "run")
+    gpt2 = Vocabulary(50257, "gpt2")
+    resumed = plan(["model.dropout=0.1"], gpt2, ckpt)
+    assert resumed.model == dataclasses.replace(ckpt.model_config, dropout=0.1)
+    assert resumed.resume_from == str(ckpt.path)
+    with pytest.raises(UserError, match="model.n_layer=3 .*changes the weights' shapes"):  # needs no tokenizer
+        planned_architecture(compose_train([*args, "model.n_layer=3"]), cpu_dist(), ckpt)
+    medium = plan(["init.pretrained=gpt2-medium"], gpt2, None)  # the hub preset: no download to plan it
     assert (medium.model.n_layer, medium.model.n_embd, medium.model.name) == (24, 1024, "gpt2-medium")
     with pytest.raises(UserError, match="init.pretrained=gpt2 has vocab_size=50257 but the tokenizer has n_vocab=512"):
-        resolve_plan(compose_train([*args, "init.pretrained=gpt2"]), cpu_ranks(), lambda: (512, "hf"), None, None)
+        plan(["init.pretrained=gpt2"], Vocabulary(512, "hf"), None)
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))

@@ -77,10 +77,10 @@ def test_mixed_precision_on_cpu(tmp_path: Path, base_overrides: list[str], preci
     assert len(seen) == 3 * trainer.grad_accum and set(seen) == {DTYPES[precision]}  # autocast ran in that dtype
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # weights stay fp32
     assert all(math.isfinite(r["train/loss"]) for r in records)
-    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    assert trainer.state.scaler.is_enabled() == (precision == "fp16")
     if precision == "fp16":  # every skipped step halved the scale (no growth within 2000 steps)
-        assert trainer.scaler.get_scale() == 65536.0 * 0.5 ** trainer.skipped_steps
-        assert records[-1]["train/skipped_steps"] == trainer.skipped_steps < 3
+        assert trainer.state.scaler.get_scale() == 65536.0 * 0.5 ** trainer.state.skipped_steps
+        assert records[-1]["train/skipped_steps"] == trainer.state.skipped_steps < 3
 
 
 @pytest.mark.slow  # CPU fp16 is emulated: ~10 s
@@ -95,7 +95,7 @@ def test_fp16_stops_after_max_skipped_steps(tmp_path: Path, base_overrides: list
                                                 r"gradients .* reaching precision\.max_skipped_steps=3"):
         for _ in range(6):
             trainer.train_step()
-    assert trainer.consecutive_skipped == 3 and trainer.step <= 4
+    assert trainer.state.consecutive_skipped == 3 and trainer.state.step <= 4
 
 
 def test_eval_sample_uses_the_configured_temperature_and_top_k(tmp_path: Path, base_overrides: list[str],
@@ -108,8 +108,7 @@ def test_eval_sample_uses_the_configured_temperature_and_top_k(tmp_path: Path, b
                        "top1": ["eval.sample_temperature=5.0", "eval.sample_top_k=1"], "default": []}.items():
         cfg = compose_train([*base_overrides, *TINY_RUN, "micro_batch_size=8", "eval.sample_tokens=12", *args])
         trainer = make_trainer(cfg, tmp_path / name)
-        trainer.tokenizer = tok
-        texts[name] = trainer.sample()
+        texts[name] = trainer.evaluator.sample()
     idx = torch.tensor([tok.encode("ROMEO:")])
     greedy = tok.decode(generate(trainer.raw_model, idx, 12, temperature=0.0)[0].tolist())
     assert texts["greedy"] == texts["top1"] == greedy != texts["default"]
