@@ -143,7 +143,8 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
         if resume is not None:
             trainer.load_checkpoint(resume)
         if ranks.is_main:
-            logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id)
+            logger = RunLogger(output_dir, cfg, wandb_run_id=trainer.wandb_run_id,
+                               resumed_at=trainer.step if resume is not None else None)
             trainer.logger = logger
             trainer.wandb_run_id = logger.wandb_run_id
             log.info("%s; run dir %s", plan.describe(trainer.raw_model.num_params()), output_dir)
