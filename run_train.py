@@ -19,6 +19,7 @@ from gpt2 import config as C
 from gpt2.cli import (
     check_command_line,
     fail,
+    log_failure,
     quiet_non_zero_ranks,
     register_configs,
     remove_unused_run_dir,
@@ -35,7 +36,8 @@ register_configs()
 def main(dcfg: DictConfig) -> float:
     try:
         return _main(dcfg)
-    except BaseException:
+    except BaseException as err:
+        log_failure(err)  # train.log says why the run stopped
         remove_unused_run_dir(HydraConfig.get().runtime.output_dir)  # failed before training: no empty run dir
         raise
 

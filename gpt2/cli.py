@@ -102,16 +102,35 @@ class SweepJobFailed(UserError, CompactHydraException):
     """A sweep job's user mistake: Hydra prints the message alone (no traceback) and runs the other jobs."""
 
 
+def log_to_files(line: str) -> None:
+    """Write `line` into this process's log files (Hydra's train.log, generate.log, ...) but not onto the console:
+    a run dir then says why its run stopped (run_report.py reads it), and the console shows the error once."""
+    record = logging.LogRecord("gpt2", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def fail(message: str) -> NoReturn:
-    """Print `error: message` and exit 2, without a traceback.
+    """Print `error: message` and exit 2, without a traceback; the run's log file gets the line too.
 
     In a multirun sweep it raises `SweepJobFailed` instead (sys.exit would end the whole sweep), naming the
     job number and its overrides; Hydra reports the failed job and the others still run."""
+    log_to_files(f"error: {message}")
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     if hc is not None and hc.mode == RunMode.MULTIRUN:
         raise SweepJobFailed(f"error: job #{hc.job.num} ({' '.join(hc.overrides.task)}) failed: {message}") from None
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
+
+
+def log_failure(err: BaseException) -> None:
+    """An exception that ends a run without `fail` (a bug, Ctrl-C) as one `error:` line in the log files; `fail`
+    logged its own line, and a preempted run's exit was logged by the trainer."""
+    if isinstance(err, (SystemExit, SweepJobFailed)):
+        return
+    first = next(iter(str(err).splitlines()), "")
+    log_to_files(f"error: {type(err).__name__}{': ' + first if first else ''}")
 
 
 @contextlib.contextmanager

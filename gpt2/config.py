@@ -39,7 +39,8 @@ BACKENDS = ("auto", "nccl", "gloo")
 DATA_SOURCES = ("shakespeare", "text", "hf", "shards")
 """The kinds of corpus (a mixture, data=mix, combines them)."""
 TOKENIZERS = ("gpt2", "bpe", "file")
-LOGGERS = ("wandb", "none")
+LOGGERS = ("none", "wandb", "tensorboard", "wandb_tensorboard")
+"""Where metrics go besides the console, metrics.jsonl and train.log: W&B, TensorBoard event files, or both."""
 WANDB_MODES = ("online", "offline", "disabled")
 DECODE_MODES = ("auto", "eager", "static", "graph")
 POSITION_EMBEDDINGS = ("learned", "rope")
@@ -449,7 +450,7 @@ class LoggerConfig:
     """Experiment tracking."""
 
     name: str = "none"
-    """wandb or none (console, metrics.jsonl and train.log are always written)."""
+    """none, wandb, tensorboard or wandb_tensorboard (both); metrics.jsonl and train.log are always written."""
     project: str = "gpt2"
     """W&B project."""
     entity: str | None = None
@@ -460,6 +461,16 @@ class LoggerConfig:
     """W&B run name; null = the run directory's name."""
     tags: list[str] = field(default_factory=list)
     """W&B tags."""
+
+    @property
+    def use_wandb(self) -> bool:
+        """Metrics go to Weights & Biases."""
+        return self.name in ("wandb", "wandb_tensorboard")
+
+    @property
+    def use_tensorboard(self) -> bool:
+        """Metrics go to TensorBoard event files in the run dir."""
+        return self.name in ("tensorboard", "wandb_tensorboard")
 
     def check(self) -> None:
         _choice("logger.name", self.name, LOGGERS)

@@ -47,7 +47,7 @@ def _kind(component: dict[str, Any] | None) -> str:
     return "none" if component is None else json.dumps(component, sort_keys=True)[:120]
 
 
-def _check_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+def check_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     """The BPE model of `spec`, a parsed tokenizer.json, after checking it and everything around it."""
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
@@ -100,7 +100,7 @@ def tiktoken_encoding(json_text: str, name: str) -> tiktoken.Encoding:
     it is exact); NotExact naming the reason when there is none."""
 
     spec = json.loads(json_text)
-    model = _check_pipeline(spec)
+    model = check_pipeline(spec)
     added = spec.get("added_tokens") or []
     for t in added:
         if not t.get("special"):

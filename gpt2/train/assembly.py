@@ -210,7 +210,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo, output_dir: str | Path, *,
         log.info("resumed from %s at step %d", resume.path, state.step)
     logger = None
     if log_metrics and dist.is_main:
-        logger = RunLogger(output_dir, cfg, wandb_run_id=state.wandb_run_id)
+        logger = RunLogger(output_dir, cfg, wandb_run_id=state.wandb_run_id,
+                           resumed_at=state.step if resume is not None else None)
         state.wandb_run_id = logger.wandb_run_id
     return Run(cfg=cfg, plan=plan, dist=dist, output_dir=output_dir, data=data, model=trained, optimizer=optimizer,
                state=state, evaluator=evaluator, checkpoints=checkpoints, logger=logger, should_stop=stop)

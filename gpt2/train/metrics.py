@@ -1,5 +1,6 @@
 """Run logging: console lines (also in train.log via Hydra's file handler), metrics.jsonl, Weights & Biases,
-and the loss-curve PNG at the end (gpt2.train.plot). Only rank 0 creates a `RunLogger`."""
+TensorBoard event files (gpt2.train.tensorboard), and the loss-curve PNG at the end (gpt2.train.plot). Only
+rank 0 creates a `RunLogger`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 from gpt2.config import LoggerConfig, TrainConfig
 from gpt2.train.plot import plot_loss_curve
 from gpt2.train.progress import format_duration
+from gpt2.train.tensorboard import TensorBoardLog
 from gpt2.utils.fs import open_run_file
 from gpt2.utils.serialize import to_dict
 
@@ -20,9 +22,11 @@ log = logging.getLogger("gpt2")
 
 
 class RunLogger:
-    """Writes metrics to metrics.jsonl, the console/train.log, and W&B (when enabled)."""
+    """Writes metrics to metrics.jsonl, the console/train.log, and W&B and TensorBoard (when enabled).
+    `resumed_at`: the step of the checkpoint a resumed run started from (None for a new run)."""
 
-    def __init__(self, output_dir: str | Path, cfg: TrainConfig, wandb_run_id: str | None = None) -> None:
+    def __init__(self, output_dir: str | Path, cfg: TrainConfig, wandb_run_id: str | None = None,
+                 resumed_at: int | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -30,8 +34,9 @@ class RunLogger:
         if _torn_last_line(self.metrics_path):  # a resumed run appends; a crash may have cut the last line
             self._metrics_file.write("\n")
         self.wandb_run: Any = None
-        if cfg.logger.name == "wandb":
+        if cfg.logger.use_wandb:
             self.wandb_run = self._init_wandb(cfg, wandb_run_id)
+        self.tensorboard = TensorBoardLog(self.output_dir, resumed_at) if cfg.logger.use_tensorboard else None
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -87,20 +92,25 @@ class RunLogger:
             self.log_text(step, "sample", sample)
 
     def log(self, step: int, metrics: dict[str, float], console: str | None = None) -> None:
-        """Append one record to metrics.jsonl (flushed), send it to W&B, print `console`."""
+        """Append one record to metrics.jsonl (flushed), send it to W&B and TensorBoard, print `console`."""
         record = {"step": step, "time": time.time(), **metrics}
         self._metrics_file.write(json.dumps(record) + "\n")
         self._metrics_file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, metrics, record["time"])
         if console:
             log.info(console)
 
     def log_text(self, step: int, name: str, text: str) -> None:
-        """A text sample: into train.log, metrics.jsonl and W&B (as a table row)."""
+        """A text sample: into train.log, metrics.jsonl, W&B (as a table row) and TensorBoard (as text)."""
         log.info("%s @ step %d:\n%s", name, step, text)
-        self._metrics_file.write(json.dumps({"step": step, "time": time.time(), name: text}) + "\n")
+        now = time.time()
+        self._metrics_file.write(json.dumps({"step": step, "time": now, name: text}) + "\n")
         self._metrics_file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.text(step, name, text, now)
         if self.wandb_run is not None:
             import wandb
 
@@ -111,6 +121,8 @@ class RunLogger:
         if self._metrics_file.closed:
             return
         self._metrics_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         try:
             plot_loss_curve(read_metrics(self.metrics_path), self.output_dir / "loss.png")
         except Exception as err:  # a plot must never hide the real outcome of a run
