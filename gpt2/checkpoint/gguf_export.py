@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import Tensor
 
 from gpt2.checkpoint.export import CHECKPOINT_FIX
-from gpt2.checkpoint.format import is_checkpoint_dir
+from gpt2.checkpoint.format import CHECKPOINTS_DIR, is_checkpoint_dir
 from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.config import ModelConfig
 from gpt2.errors import UserError
@@ -31,7 +31,8 @@ def check_gguf_target(out_file: str | Path) -> Path:
     out = Path(out_file).expanduser().absolute()
     if out.suffix != ".gguf":
         raise UserError(f"{out_file} does not end with .gguf; name the GGUF file, e.g. {out.with_suffix('.gguf')}.")
-    inside = next((d for d in out.parents if d.is_dir() and is_checkpoint_dir(d)), None)
+    inside = next((d for d in out.parents if d.is_dir() and (d.name == CHECKPOINTS_DIR or is_checkpoint_dir(d))),
+                  None)
     if inside is not None:
         raise UserError(f"export target {out_file} lies inside a training checkpoint ({inside}); write it outside "
                         f"checkpoints/, e.g. {Path(out_file).name}.")
