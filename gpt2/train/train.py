@@ -22,6 +22,7 @@ from gpt2.data.prepare import PreparedData, prepare_on_ranks
 from gpt2.errors import Interrupted, UserError
 from gpt2.evals import hellaswag
 from gpt2.model.gpt import GPT
+from gpt2.runtime.determinism import set_deterministic
 from gpt2.runtime.device import set_tf32
 from gpt2.runtime.distributed import DistInfo, cleanup, init_distributed, main_rank_first, unwrap_model, wrap_model
 from gpt2.runtime.slurm import init_slurm_env
@@ -117,6 +118,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     trainer = model = optimizer = None
     try:
         set_tf32(ranks.device, cfg.precision.tf32)
+        set_deterministic(cfg.deterministic)
         resume: Checkpoint | None = CheckpointManager.find_resume(cfg.resume, output_dir)
         prepared: list[PreparedData] = []
 
