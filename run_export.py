@@ -2,8 +2,9 @@
 llama.cpp: `python run_export.py CHECKPOINT OUT.gguf [--dtype f16]`.
 
 CHECKPOINT is a run dir (its latest valid checkpoint), its checkpoints/ dir or a step_XXXXXXXX dir; OUT_DIR
-receives config.json, model.safetensors and the tokenizer files (see gpt2.checkpoint.export); a path ending in
-.gguf becomes one GGUF file with the tokenizer in its metadata (see gpt2.checkpoint.gguf_export).
+receives config.json, model.safetensors and the tokenizer files, listed in OUT_DIR/export_manifest.json (files
+of your own in OUT_DIR are kept, and one the export would replace is refused; see gpt2.checkpoint.export); a path
+ending in .gguf becomes one GGUF file with the tokenizer in its metadata (see gpt2.checkpoint.gguf_export).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.dtype != "f32":
         fail(f"--dtype {args.dtype} applies to a GGUF export only; name the output file OUT.gguf, or drop --dtype.")
-    from gpt2.checkpoint.export import export_checkpoint
+    from gpt2.checkpoint.export import MANIFEST, export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir)
     except UserError as err:
         fail(str(err))
-    print(f"wrote {out / 'config.json'}, {out / 'model.safetensors'} and the tokenizer files")
+    print(f"wrote {out / 'config.json'}, {out / 'model.safetensors'} and the tokenizer files (listed in "
+          f"{out / MANIFEST})")
     return 0
 
 

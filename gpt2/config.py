@@ -643,6 +643,8 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu, cuda or cuda:N."""
     compile: bool = False
     """torch.compile the model."""
+    deterministic: bool = True
+    """Deterministic kernels (eager and compiled): same seed, machine and software give bit-identical runs."""
     max_steps: int = 1000
     """Optimizer steps to train for."""
     total_batch_tokens: int = 8192

@@ -28,14 +28,15 @@ PEAK_FLOPS_BF16: dict[str, float] = {
     "RTX 4090": 165e12,
     "V100": 125e12,
 }
-"""Dense bf16 peak FLOP/s per device, by substring of torch.cuda.get_device_name()."""
+"""Dense bf16 peak FLOP/s per device, by substring of torch.cuda.get_device_name() (or of budget.gpu)."""
 
 
 def detect_peak_flops(device_name: str | None) -> float | None:
-    """Peak dense bf16 FLOP/s for a known GPU name, else None (MFU is then not reported)."""
+    """Peak dense bf16 FLOP/s for a GPU name holding a key of PEAK_FLOPS_BF16 (any case), else None (MFU is
+    then not reported)."""
     if not device_name:
         return None
-    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key in device_name), None)
+    return next((flops for key, flops in PEAK_FLOPS_BF16.items() if key.lower() in device_name.lower()), None)
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from gpt2.config import TrainConfig
+from gpt2.errors import ConfigError
 from gpt2.model.gpt import GPT
-from gpt2.runtime.device import detect_peak_flops
+from gpt2.runtime.device import PEAK_FLOPS_BF16, detect_peak_flops
 from gpt2.runtime.distributed import local_dist
 from gpt2.tokenizers.factory import load_named, planned_vocab
 from gpt2.train.plan import RunPlan, Vocabulary, planned_architecture, resolve_plan
@@ -70,6 +71,10 @@ def compute_budget(cfg: TrainConfig, plan: RunPlan, flops_per_token: float, n_6n
     tokens = tokens_per_step * plan.max_steps
     name = cfg.budget.gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     peak = cfg.peak_flops or detect_peak_flops(name)
+    if cfg.budget.gpu and peak is None:
+        raise ConfigError(f"budget.gpu={cfg.budget.gpu!r} is not a GPU of the peak-FLOPs table; name one of "
+                          f"{', '.join(PEAK_FLOPS_BF16)}, or give its dense bf16 peak FLOP/s per GPU with "
+                          f"peak_flops= (e.g. peak_flops=989e12).")
     flops = flops_per_token * tokens
     seconds = flops / (gpus * peak * cfg.budget.mfu) if peak else None
     return {"tokens": tokens, "steps": plan.max_steps, "tokens_per_step": tokens_per_step,
@@ -86,7 +91,9 @@ def budget_line(b: dict[str, Any]) -> str:
     if b["hours"] is not None:
         where = f"{b['gpus']}×{b['gpu']}" if b["gpu"] != "peak_flops" else f"{b['gpus']} GPU(s) at peak_flops"
         head += f": ≈ {b['hours']:.2f} h on {where} at {b['mfu']:.0%} MFU"
-    else:
+    elif b["gpu"] is None:
         head += ": no time estimate (no GPU detected; name one with budget.gpu=H100, or give peak_flops=)"
+    else:
+        head += f": no time estimate ({b['gpu']} is not in the peak-FLOPs table; give its peak with peak_flops=)"
     return (f"{head}; {b['steps']:,} steps, {b['tokens_per_gpu_per_step']:,} tokens per GPU per step, "
             f"{b['tokens_per_gpu']:,} per GPU in all")

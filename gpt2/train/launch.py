@@ -12,6 +12,7 @@ from pathlib import Path
 from gpt2.checkpoint.handle import find_checkpoint
 from gpt2.checkpoint.store import remove_interrupted
 from gpt2.config import TrainConfig
+from gpt2.runtime.determinism import set_deterministic
 from gpt2.runtime.device import set_tf32
 from gpt2.runtime.distributed import cleanup, init_distributed
 from gpt2.runtime.slurm import init_slurm_env
@@ -35,6 +36,7 @@ def train(cfg: TrainConfig, output_dir: str | Path) -> float:
     trainer: Trainer | None = None
     try:
         set_tf32(dist.device, cfg.precision.tf32)
+        set_deterministic(cfg.deterministic)
         if dist.is_main:  # before this process saves anything: what interrupted saves left behind can go
             remove_interrupted(output_dir)
         run = build_run(cfg, dist, output_dir, should_stop=lambda: preemption.requested)
