@@ -31,7 +31,7 @@ def test_an_unknown_gpu_name_is_one_error_naming_the_known_ones_and_peak_flops(t
 def test_a_known_name_in_any_case_or_peak_flops_gives_the_time(tmp_path: Path) -> None:
     known = dry_run(tmp_path, "budget.gpu=h100")
     assert known.returncode == 0, known.stderr
-    assert "≈ 0.75 h on 8×h100 at 40% MFU" in known.stdout  # the recipe's 8 GPUs at H100's 989 TFLOP/s
+    assert "≈ 0.67 h on 8×h100 at 45% MFU" in known.stdout  # the recipe's 8 GPUs at H100's 989 TFLOP/s
     given = dry_run(tmp_path, "budget.gpu=NoSuchGPU", "peak_flops=494.5e12")
     assert given.returncode == 0, given.stderr
-    assert "≈ 1.50 h on 8 GPU(s) at peak_flops at 40% MFU" in given.stdout
+    assert "≈ 1.33 h on 8 GPU(s) at peak_flops at 45% MFU" in given.stdout
