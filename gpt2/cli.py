@@ -70,27 +70,39 @@ def _new_stamp() -> str:
 
 
 def run_stamp() -> str:
-    """The run-directory stamp, identical on every rank of one torchrun launch.
+    """The run-directory stamp, identical on every rank and every restart of one torchrun job.
 
-    Rank 0 draws it and publishes it through torchrun's rendezvous store (the TCPStore at
-    MASTER_ADDR:MASTER_PORT that the agent shares with its workers); the other ranks wait for it there,
-    so ranks that start seconds apart still agree. Outside torchrun (or when the stamp was already set,
-    e.g. by a SLURM submission) it is drawn locally.
+    Under torchrun the first rank to ask draws it and publishes it under the job's run id in torchrun's agent
+    store (the TCPStore at MASTER_ADDR:MASTER_PORT that the agent shares with its workers); every other rank,
+    and the workers torchrun restarts while that store lives, read it there. Outside torchrun (or when the stamp
+    was already set, e.g. by a SLURM submission) it is drawn locally.
+
+    An elastic launch (`--max-restarts` > 0) must land every attempt in one run dir even when the node holding
+    that store is lost, and without the agent store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) ranks cannot agree
+    on a stamp: both are refused in one line asking for an explicit `hydra.run.dir`.
     """
     if STAMP_ENV in os.environ:
         return os.environ[STAMP_ENV]
     stamp = _new_stamp()
-    rank, world_size = world.rank_and_world()
-    if world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        from torch.distributed import TCPStore
+    world_size = world.rank_and_world()[1]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+        if restarts > 0 or (world_size > 1 and not shared):
+            why = (f"torchrun --max-restarts={restarts} restarts the workers, and resume=auto finds the checkpoint "
+                   f"only if every attempt lands in the same run dir" if restarts > 0 else
+                   "without torchrun's agent store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) the ranks cannot agree "
+                   "on a dated run dir")
+            print(f"error: {why}; set it explicitly, e.g. hydra.run.dir=outputs/my-run (see docs/elastic.md).",
+                  file=sys.stderr, flush=True)
+            sys.exit(2)
+        if world_size > 1:
+            from torch.distributed import TCPStore
 
-        store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=datetime.timedelta(seconds=300))
-        attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        key = f"gpt2/run_stamp/{attempt}"
-        if rank == 0:
-            store.set(key, stamp)
-        stamp = store.get(key).decode()
+            store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=datetime.timedelta(seconds=300))
+            key = f"gpt2/run_stamp/{os.environ['TORCHELASTIC_RUN_ID']}"
+            stamp = store.compare_set(key, "", stamp).decode()  # the first rank's draw wins
     os.environ[STAMP_ENV] = stamp
     return stamp
 

@@ -484,6 +484,8 @@ class CheckpointConfig:
 
     interval: int = 0
     """Save every N optimizer steps; 0 = only at the end (and on preemption)."""
+    interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (rank 0's clock); 0 = off."""
     keep_last: int = 2
     """Keep this many most recent checkpoints (the best by val loss is kept as well)."""
     keep_best: bool = True
@@ -493,6 +495,8 @@ class CheckpointConfig:
 
     def check(self) -> None:
         _require(self.interval >= 0, f"checkpoint.interval={self.interval} must be >= 0 (0 = end only).")
+        _require(self.interval_minutes >= 0, f"checkpoint.interval_minutes={self.interval_minutes} must be >= 0 "
+                                             f"(0 = no saves by wall time).")
         _require(self.keep_last >= 1, f"checkpoint.keep_last={self.keep_last} must be >= 1.")
 
 
