@@ -17,12 +17,18 @@ from gpt2.model.gpt import GPT
 from gpt2.runtime.device import detect_peak_flops
 from gpt2.runtime.distributed import local_ranks
 from gpt2.tokenizers.factory import load_named, planned_vocab
-from gpt2.train.plan import resolve_plan
+from gpt2.train.plan import resolve_plan, with_vocab
 from gpt2.utils.serialize import to_dict
 
+FLAGSHIP = "gpt2_124m_fineweb"
+"""The experiment whose budget the dry run prints next to the run's own, with the speedrun's."""
+BUDGET_REFERENCES = (FLAGSHIP, "gpt2_124m_speedrun")
+"""The shipped experiments whose budgets the dry run prints side by side with the run's (as they ship)."""
 
-def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
-    """The dry run's report: config, plan, parameter count, checks."""
+
+def dry_run(cfg: TrainConfig, output_dir: str | Path, references: dict[str, TrainConfig] | None = None) -> str:
+    """The dry run's report: config, plan, parameter count, checks; with `references` (BUDGET_REFERENCES
+    composed as they ship, by name), their budgets side by side with this run's."""
     ranks = local_ranks(cfg.device)
     resume = CheckpointManager.find_resume(cfg.resume, Path(output_dir))
 
@@ -42,6 +48,8 @@ def dry_run(cfg: TrainConfig, output_dir: str | Path) -> str:
              "# run plan (derived)", yaml.safe_dump(to_dict(plan), sort_keys=False).rstrip(),
              "# compute budget", yaml.safe_dump(budget, sort_keys=False).rstrip(),
              f"# {plan.describe(n_params)}", f"# {budget_line(budget)}"]
+    if references:
+        lines += side_by_side(budget, references)
     if plan.micro_batch_size is None:
         lines.append("# micro_batch_size: auto (chosen on the GPU at start: the largest that fits and divides "
                      "the batch)")
@@ -74,8 +82,29 @@ def compute_budget(cfg: TrainConfig, tokens_per_step: int, flops_per_token: floa
             "peak_flops_per_gpu": peak, "mfu": cfg.budget.mfu, "hours": seconds / 3600 if seconds else None}
 
 
-def budget_line(b: dict[str, Any]) -> str:
-    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.67 h on 8×H100 at 45% MFU; ..."."""
+def side_by_side(budget: dict[str, Any], references: dict[str, TrainConfig]) -> list[str]:
+    """This run's budget and each reference experiment's (its model with GPT-2's padded vocabulary on its own
+    budget.gpu x budget.gpus), each with its tokens as a multiple of the flagship's."""
+    budgets = {"this run": budget}
+    for name, ref in references.items():
+        n_vocab = planned_vocab(ref.tokenizer) or 0
+        with torch.device("meta"):
+            model = GPT(with_vocab(ref.model, n_vocab, f"tokenizer={ref.tokenizer.name}").for_device("cuda"))
+        flops = model.flops_per_token(ref.block_size)
+        budgets[f"experiment={name}"] = compute_budget(ref, ref.total_batch_tokens, flops,
+                                                       model.num_params(exclude_embeddings=True),
+                                                       ref.budget.gpus or 1, torch.device("cpu"))
+    flagship = budgets.get(f"experiment={FLAGSHIP}")
+    width = max(len(label) for label in budgets)
+    lines = ["# budgets side by side:"]
+    for label, b in budgets.items():
+        share = f" [{b['tokens'] / flagship['tokens']:.2g}x the flagship's tokens]" if flagship else ""
+        lines.append(f"#   {label:<{width}}  {budget_head(b)}{share}")
+    return lines
+
+
+def budget_head(b: dict[str, Any]) -> str:
+    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.67 h on 8×H100 at 45% MFU"."""
     head = f"{b['tokens'] / 1e9:.1f}B tokens" if b["tokens"] >= 1e8 else f"{b['tokens']:,} tokens"
     head += f", {b['flops']:.3g}".replace("e+", "e") + " FLOPs (6N + attention)"
     if b["hours"] is not None:
@@ -83,5 +112,10 @@ def budget_line(b: dict[str, Any]) -> str:
         head += f": ≈ {b['hours']:.2f} h on {where} at {b['mfu']:.0%} MFU"
     else:
         head += ": no time estimate (no GPU detected; name one with budget.gpu=H100, or give peak_flops=)"
-    return (f"{head}; {b['steps']:,} steps, {b['tokens_per_gpu_per_step']:,} tokens per GPU per step, "
+    return head
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    """e.g. "10.0B tokens, 8.55e18 FLOPs (6N + attention): ≈ 0.67 h on 8×H100 at 45% MFU; ..."."""
+    return (f"{budget_head(b)}; {b['steps']:,} steps, {b['tokens_per_gpu_per_step']:,} tokens per GPU per step, "
             f"{b['tokens_per_gpu']:,} per GPU in all")

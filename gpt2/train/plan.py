@@ -95,6 +95,11 @@ def resolve_plan(cfg: TrainConfig, ranks: DistInfo, vocab: Callable[[], tuple[in
     if resume is not None:
         model = resume_model(cfg, resume)  # refuses changes that cannot carry over
     elif cfg.init.pretrained:
+        blocking = [f"model.{switch}" for switch in cfg.model.non_gpt2_switches(init=False)]
+        if blocking:
+            raise UserError(f"init.pretrained={cfg.init.pretrained} loads GPT-2's architecture, but the model sets "
+                            f"{', '.join(blocking)}; drop these overrides to fine-tune GPT-2, or drop "
+                            f"init.pretrained to train this model from scratch.")
         arch = pretrained_architecture(cfg.init.pretrained)
         model = replace(arch, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
     else:

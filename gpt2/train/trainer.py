@@ -128,7 +128,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: accumulate micro-batches, clip, step, schedule."""
-        lr = set_lr(self.optimizer, lr_multiplier(self.step, self.cfg.scheduler, self.cfg.max_steps))
+        multiplier = lr_multiplier(self.step, self.cfg.scheduler, self.plan.warmup_steps, self.plan.max_steps)
+        lr = set_lr(self.optimizer, multiplier)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.grad_accum):
             x, y = self.train_loader.next_batch()
