@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2 import config as C
 from gpt2.cli import (
     check_command_line,
+    compose_experiments,
     fail,
     log_failure,
     quiet_non_zero_ranks,
@@ -48,10 +49,10 @@ def _main(dcfg: DictConfig) -> float:
         C.validate(cfg, world_size=rank_and_world()[1])
     output_dir = HydraConfig.get().runtime.output_dir
     if cfg.dry_run:
-        from gpt2.train.dry_run import dry_run
+        from gpt2.train.dry_run import BUDGET_REFERENCES, dry_run
 
         try:
-            print(dry_run(cfg, output_dir))
+            print(dry_run(cfg, output_dir, references=compose_experiments(BUDGET_REFERENCES)))
         except UserError as err:
             fail(str(err))
         remove_unused_run_dir(output_dir)  # a dry run leaves no run directory behind

@@ -107,6 +107,15 @@ def run_stamp() -> str:
     return stamp
 
 
+def compose_experiments(names: tuple[str, ...]) -> dict[str, C.TrainConfig]:
+    """The shipped experiments `names` as they ship (gpt2/conf/train.yaml with experiment=NAME and nothing else),
+    typed; called inside a running Hydra app (run_train.py), whose config search path it uses."""
+    from hydra import compose
+
+    return {name: OmegaConf.to_object(compose(config_name="train", overrides=[f"experiment={name}"]))  # type: ignore[misc]
+            for name in names}
+
+
 # ------------------------------------------------------------------ reporting
 
 

@@ -31,7 +31,9 @@ def _positive(key: str, value: float) -> None:
 # ------------------------------------------------------------------ allowed names
 
 OPTIMIZERS = ("adamw", "muon")
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = ("cosine", "linear", "constant", "wsd")
+"""After the warmup: cosine or linear decay to min_lr_ratio, constant, or wsd (warmup-stable-decay: constant, then a
+linear cooldown to min_lr_ratio over the last cooldown_fraction of the steps)."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """auto is resolved per device (gpt2.runtime.device.resolve_precision); the others name a dtype."""
 DISTRIBUTED = ("none", "ddp", "fsdp")
@@ -201,12 +203,20 @@ class InitConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizer and gradient clipping."""
+    """Optimizer and gradient clipping. The parameters fall into four parts, each with its own peak lr: hidden
+    matrices (2-D weights inside the blocks), embeddings (wte, wpe), the head (an untied lm_head) and scalars
+    (biases and norm weights)."""
 
     name: str = "adamw"
     """adamw, or muon (Muon for 2-D hidden matrices, AdamW for the rest)."""
     lr: float = 6e-4
-    """Peak learning rate (AdamW params)."""
+    """Peak AdamW learning rate: of the hidden matrices (adamw), and of each part whose own lr is null."""
+    embed_lr: float | None = None
+    """Peak lr of the token and position embeddings (AdamW); null = optimizer.lr."""
+    head_lr: float | None = None
+    """Peak lr of an untied output head (AdamW; a tied head is the token embedding); null = optimizer.lr."""
+    scalar_lr: float | None = None
+    """Peak lr of the biases and norm weights (AdamW, no weight decay); null = optimizer.lr."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied only to >=2-D weights."""
     beta1: float = 0.9
@@ -224,9 +234,25 @@ class OptimizerConfig:
     muon_momentum: float = 0.95
     """Muon momentum."""
 
+    def part_lrs(self) -> dict[str, float]:
+        """The peak lr of each AdamW part (hidden, embed, head, scalar), the nulls resolved to optimizer.lr."""
+        return {"hidden": self.lr, "embed": self.embed_lr if self.embed_lr is not None else self.lr,
+                "head": self.head_lr if self.head_lr is not None else self.lr,
+                "scalar": self.scalar_lr if self.scalar_lr is not None else self.lr}
+
+    def lr_sharing(self) -> list[list[str]]:
+        """The AdamW parts grouped by equal peak lr (hidden belongs to Muon under optimizer=muon): parts that share
+        an lr share parameter groups, so this is the layout of the optimizer state."""
+        lrs = {part: lr for part, lr in self.part_lrs().items() if not (part == "hidden" and self.name == "muon")}
+        return sorted(sorted(p for p in lrs if lrs[p] == lr) for lr in set(lrs.values()))
+
     def check(self) -> None:
         _choice("optimizer.name", self.name, OPTIMIZERS)
         _positive("optimizer.lr", self.lr)
+        for key in ("embed_lr", "head_lr", "scalar_lr"):
+            value = getattr(self, key)
+            _require(value is None or value > 0,
+                     f"optimizer.{key}={value} must be greater than 0, or null to follow optimizer.lr.")
         _require(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0.")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1).")
         _require(self.grad_clip >= 0, f"optimizer.grad_clip={self.grad_clip} must be >= 0 (0 disables).")
@@ -242,11 +268,13 @@ class SchedulerConfig:
     """Learning-rate schedule: linear warmup, then decay."""
 
     name: str = "cosine"
-    """cosine, linear, or constant (after warmup)."""
+    """cosine, linear, constant (after warmup), or wsd (constant, then a linear cooldown)."""
     warmup_steps: int | None = None
     """Steps of linear warmup from 0 to the peak lr; null = follow the run length: max_steps // 10, at most 100."""
     min_lr_ratio: float = 0.1
-    """Final lr as a fraction of the peak (cosine and linear)."""
+    """Final lr as a fraction of the peak (cosine, linear and wsd)."""
+    cooldown_fraction: float = 0.2
+    """wsd: the last fraction of max_steps, a linear cooldown from the peak to min_lr_ratio."""
 
     def warmup_for(self, max_steps: int) -> int:
         """The warmup length of a run of `max_steps` steps: warmup_steps, or when null 10% of the run, at most 100."""
@@ -257,6 +285,9 @@ class SchedulerConfig:
         _require(self.warmup_steps is None or self.warmup_steps >= 0,
                  f"scheduler.warmup_steps={self.warmup_steps} must be >= 0 (or null: derived from max_steps).")
         _require(0 <= self.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1].")
+        _require(0 < self.cooldown_fraction <= 1,
+                 f"scheduler.cooldown_fraction={self.cooldown_fraction} must be in (0, 1]; for no cooldown use "
+                 f"scheduler=constant.")
 
 
 @dataclass
@@ -818,7 +849,7 @@ class EvalRunConfig:
     seed: int | None = None
     """val_loss: seed of the window sample; null = the checkpoint's seed."""
     match_training: bool = False
-    """val_loss: score exactly the windows the training run logged (its eval_iters cap, val_tokens and seed)."""
+    """val_loss: score exactly the windows the training run logged (its eval.iters cap, val_tokens and seed)."""
     cache_dir: str = "~/.cache/gpt2"
     """Where the HellaSwag file is downloaded (with a checkpoint: its data.cache_dir)."""
     tokenizer: VocabFileConfig = field(default_factory=VocabFileConfig)

@@ -18,15 +18,21 @@ from gpt2.config import OptimizerConfig, SchedulerConfig
 from gpt2.errors import ConfigError
 
 
-def lr_multiplier(step: int, cfg: SchedulerConfig, warmup: int, max_steps: int) -> float:
-    """Fraction of the peak lr at optimizer step `step` (0-based): linear warmup over `warmup` steps, then the
-    decay `cfg` names until `max_steps` (both from the run plan)."""
-    if step < warmup:
-        return (step + 1) / warmup
+def lr_multiplier(step: int, cfg: SchedulerConfig, warmup_steps: int, max_steps: int) -> float:
+    """Fraction of the peak lr at optimizer step `step` (0-based): a linear warmup over `warmup_steps`, then
+    cfg.name's shape until `max_steps` (the run plan holds both), where cosine, linear and wsd reach
+    min_lr_ratio. wsd holds the peak, then falls linearly over its cooldown: the last
+    round(cooldown_fraction * max_steps) steps, starting no earlier than the end of the warmup."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if cfg.name == "constant":
         return 1.0
-    decay_steps = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
+    if cfg.name == "wsd":
+        start = max(warmup_steps, max_steps - round(cfg.cooldown_fraction * max_steps))
+        shape = 1.0 - min(1.0, max(0, step - start) / max(1, max_steps - start))
+        return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
     if cfg.name == "linear":
         shape = 1.0 - progress
     else:  # cosine
@@ -34,15 +40,31 @@ def lr_multiplier(step: int, cfg: SchedulerConfig, warmup: int, max_steps: int) 
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def _param_groups(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig, lr: float) -> list[dict[str, Any]]:
-    """Weight decay only on >=2-D weights (matmuls, embeddings); none on biases and LayerNorms."""
-    params = [p for _, p in named if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [
-        {"params": decay, "weight_decay": cfg.weight_decay, "lr": lr, "peak_lr": lr},
-        {"params": no_decay, "weight_decay": 0.0, "lr": lr, "peak_lr": lr},
-    ]
+def param_part(name: str, param: nn.Parameter) -> str:
+    """The part (OptimizerConfig.part_lrs) of parameter `name` of a GPT (a wrapper's prefix is allowed): embed
+    (wte, wpe), head (an untied lm_head), hidden (the other >=2-D weights: the blocks' matmuls) or scalar."""
+    parts = name.split(".")
+    if "wte" in parts or "wpe" in parts:
+        return "embed"
+    if "lm_head" in parts:
+        return "head"
+    return "hidden" if param.dim() >= 2 else "scalar"
+
+
+def _param_groups(named: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig) -> list[dict[str, Any]]:
+    """AdamW groups by lr and decay: each part at its lr (OptimizerConfig.part_lrs), weight decay only on >=2-D
+    weights (matmuls, embeddings), none on biases and norms. Parts that share an lr share groups, so the
+    defaults give GPT-2's two groups (decay, no decay) in named_parameters order."""
+    lrs = cfg.part_lrs()
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        lr, decays = lrs[param_part(name, p)], p.dim() >= 2
+        group = groups.setdefault((lr, decays), {"params": [], "weight_decay": cfg.weight_decay if decays else 0.0,
+                                                 "lr": lr, "peak_lr": lr})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def _adamw(groups: list[dict[str, Any]], cfg: OptimizerConfig, device_type: str) -> torch.optim.AdamW:
@@ -89,20 +111,20 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) ->
     """AdamW over all params, or Muon for 2-D block matrices with AdamW for the rest."""
     named = list(model.named_parameters())
     if cfg.name == "adamw":
-        return _adamw(_param_groups(named, cfg, cfg.lr), cfg, device_type)
+        return _adamw(_param_groups(named, cfg), cfg, device_type)
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optimizer=muon needs torch.optim.Muon (torch>=2.9); this is torch {torch.__version__}. "
                           "Upgrade torch or use optimizer=adamw.")
     # Muon orthogonalizes 2-D updates: right for the hidden matmuls inside blocks, wrong for
     # embeddings/head (lookups, not linear maps of the residual stream) and for vectors.
-    hidden = [(n, p) for n, p in named if p.dim() == 2 and ".h." in f".{n}" and p.requires_grad]
-    hidden_ids = {id(p) for _, p in hidden}
+    hidden = [p for n, p in named if param_part(n, p) == "hidden" and p.requires_grad]
+    hidden_ids = {id(p) for p in hidden}
     rest = [(n, p) for n, p in named if id(p) not in hidden_ids]
     muon = torch.optim.Muon(
-        [{"params": [p for _, p in hidden], "lr": cfg.muon_lr, "peak_lr": cfg.muon_lr}],
+        [{"params": hidden, "lr": cfg.muon_lr, "peak_lr": cfg.muon_lr}],
         lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
     )
-    return CombinedOptimizer({"muon": muon, "adamw": _adamw(_param_groups(rest, cfg, cfg.lr), cfg, device_type)})
+    return CombinedOptimizer({"muon": muon, "adamw": _adamw(_param_groups(rest, cfg), cfg, device_type)})
 
 
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:

@@ -104,6 +104,11 @@ def planned_architecture(cfg: TrainConfig, dist: DistInfo, resume: Checkpoint | 
     if resume is not None:
         return resume_model(cfg, resume)  # refuses changes that cannot carry over; logs the others
     if cfg.init.pretrained:
+        blocking = [f"model.{switch}" for switch in cfg.model.non_gpt2_switches(init=False)]
+        if blocking:
+            raise UserError(f"init.pretrained={cfg.init.pretrained} loads GPT-2's architecture, but the model sets "
+                            f"{', '.join(blocking)}; drop these overrides to fine-tune GPT-2, or drop "
+                            f"init.pretrained to train this model from scratch.")
         arch = pretrained_architecture(cfg.init.pretrained)
         return replace(arch, dropout=cfg.model.dropout, pad_vocab_multiple=cfg.model.pad_vocab_multiple)
     return cfg.model

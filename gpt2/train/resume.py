@@ -11,7 +11,7 @@ from typing import Any
 
 from gpt2.checkpoint.format import RESUME_FIX
 from gpt2.checkpoint.handle import Checkpoint, find_checkpoint
-from gpt2.config import ModelConfig, TrainConfig
+from gpt2.config import ModelConfig, OptimizerConfig, TrainConfig
 from gpt2.errors import UserError
 from gpt2.utils.serialize import flatten, to_dict
 
@@ -55,7 +55,7 @@ def _same_path(a: Any, b: Any) -> bool:
 def resume_model(cfg: TrainConfig, ckpt: Checkpoint) -> ModelConfig:
     """The model config a run resumed from `ckpt` uses: the checkpoint's architecture with the new config's
     dropout. Logs the settings that changed since the checkpoint (the new values win) and raises UserError
-    for a change that cannot carry over (model shape, tokenizer, optimizer type)."""
+    for a change that cannot carry over (model shape, tokenizer, optimizer type, which parts share an lr)."""
     changes = config_changes(ckpt.meta.get("config") or {}, cfg)
     refused = []
     for key, (old, new) in changes.items():
@@ -67,6 +67,13 @@ def resume_model(cfg: TrainConfig, ckpt: Checkpoint) -> ModelConfig:
         for fixed, why in FIXED_ON_RESUME.items():
             if (key == fixed or key.startswith(fixed + ".")) and not (key.endswith("path") and _same_path(old, new)):
                 refused.append(f"{key}={new} (checkpoint: {old}): {why}")
+    saved = (ckpt.meta.get("config") or {}).get("optimizer") or {}
+    saved_opt = OptimizerConfig(**{k: v for k, v in saved.items() if k in OptimizerConfig.__dataclass_fields__})
+    if saved_opt.name == cfg.optimizer.name and saved_opt.lr_sharing() != cfg.optimizer.lr_sharing():
+        lr_keys = [k for k in changes if k.startswith("optimizer.") and k.endswith("lr") and k != "optimizer.muon_lr"]
+        refused.append(f"{', '.join(f'{k}={changes[k][1]}' for k in lr_keys)} (checkpoint: "
+                       f"{', '.join(f'{changes[k][0]}' for k in lr_keys)}): it changes which parameter parts share "
+                       f"an lr, and so the optimizer state's parameter groups")
     if refused:
         raise UserError(f"cannot resume {ckpt.path} with {refused[0]}; keep the checkpoint's value or start a new "
                         f"run without resume.")
