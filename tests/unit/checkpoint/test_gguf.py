@@ -1,4 +1,4 @@
-"""run_export.py OUT.gguf, proved by llama.cpp itself (llama-cpp-python, the `llama_cpp` extra): it loads the file,
+"""run_export.py OUT.gguf, proved by llama.cpp itself (llama-cpp-python, the `llamacpp` extra): it loads the file,
 tokenizes text into our ids (GPT-2's tokenizer and our BPE), gives our logits within a stated tolerance, and greedy
 generation gives our tokens; models and tokenizers llama.cpp cannot run are refused in one line."""
 
@@ -87,7 +87,7 @@ def relative_error(llm, model: GPT, ids: list[int]) -> float:
 @pytest.mark.parametrize("kind", ["gpt2", "bpe"])
 def test_llama_cpp_runs_the_gguf_file_with_our_ids_logits_and_greedy_tokens(
         kind: str, passage_corpus: Path, tiktoken_file: str, tmp_path: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="the llama_cpp extra (pip install -e '.[llama_cpp]')")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra (pip install -e '.[llamacpp]')")
     run = trained_run(kind, passage_corpus, tmp_path, tiktoken_file)
     out = tmp_path / "model.gguf"
     proc = subprocess.run([sys.executable, str(REPO / "run_export.py"), str(run), str(out)], env=subprocess_env(),
