@@ -61,18 +61,33 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
             "checkpoint.keep_last=1", "logger=none", "progress_bar=false", "log_interval=10", "data.num_proc=1"]
 
 
+def _quote(arg: str) -> str:
+    """An argument as a shell takes it: an override holding single quotes goes in double quotes."""
+    return f'"{arg}"' if "'" in arg else shlex.quote(arg)
+
+
 def run_train(overrides: list[str], run_dir: Path, multirun: bool = False) -> float:
     """`python run_train.py overrides` (a multirun with -m) into run_dir; its output goes to run_dir.log."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
     cmd = [sys.executable, "run_train.py", *(["-m"] if multirun else []), *overrides, where]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+    print("$ python " + " ".join(_quote(c) for c in cmd[1:]), flush=True)
     t0 = time.time()
     with open(f"{run_dir}.log", "w") as log:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({proc.returncode}); see {run_dir}.log")
     return time.time() - t0
+
+
+def train_or_reuse(overrides: list[str], run_dir: Path, steps: int) -> float:
+    """run_train into run_dir, unless it already finished there (0 s); an interrupted run resumes exactly from
+    its last checkpoint (resume=auto), so a benchmark that was stopped picks up where it was."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and any(r.get("step") == steps and "val/loss" in r for r in read_metrics(metrics)):
+        print(f"  reusing {run_dir} (finished)", flush=True)
+        return 0.0
+    return run_train([*overrides, "resume=auto"] if (run_dir / "checkpoints").exists() else overrides, run_dir)
 
 
 def val_curve(run_dir: Path, tokens_per_step: int) -> list[tuple[int, float]]:
@@ -176,7 +191,7 @@ def headline(args: argparse.Namespace, out: Path) -> dict[str, Any]:
             name = f"{side}-f{fraction:g}-s{seed}"
             eval_every = args.eval_interval if fraction == 1.0 else 0
             overrides = [*exp, *common, f"max_steps={n}", f"seed={seed}", f"eval.interval={eval_every}", *args.extra]
-            seconds = run_train(overrides, out / name)
+            seconds = train_or_reuse(overrides, out / name, n)
             curve = val_curve(out / name, args.batch_tokens)
             runs[name] = {"side": side, "fraction": fraction, "seed": seed, "steps": n, "overrides": overrides,
                           "seconds": seconds, "val_curve": curve, "final_val_loss": curve[-1][1],
