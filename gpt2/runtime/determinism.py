@@ -12,8 +12,8 @@ the last bit, compiled or not, in every precision. What it sets:
   of the gradient of every token that occurs more than once in a batch.
 - `torch.utils.deterministic.fill_uninitialized_memory = False`: PyTorch's default under the first setting fills
   every `torch.empty` with NaN, a bug detector for kernels that read memory they did not write, not part of
-  repeatability; it cost 20% of the quickstart recipe's tokens/s, the rest of the switch about 3%
-  (benchmarks/deterministic.py).
+  repeatability; it cost 20% of the quickstart recipe's tokens/s on CPU, while the switch without it costs
+  about 1%, within the noise (benchmarks/deterministic.py, figures in benchmarks/RESULTS.md).
 - `CUBLAS_WORKSPACE_CONFIG=:4096:8` (unless set already), which cuBLAS needs for deterministic matmuls.
 
 Inductor's compile cache keys on the setting, so a kernel compiled without it is not reused with it.
