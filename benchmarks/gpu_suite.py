@@ -7,7 +7,9 @@
    (6N + 12 L H Q T FLOPs per token with the unpadded 124M N, the same number for every model, over the
    GPU's peak bf16 FLOP/s) and peak memory.
 2. `run_train.py` end to end at the best settings (compile, bf16, micro_batch_size=auto, padded vocab):
-   its own logged tok/s and MFU (the last log interval, after compilation).
+   its own logged tok/s and MFU (the last log interval, after compilation); then the same for the speedrun
+   recipe's model and optimizer (`experiment=gpt2_124m_speedrun` on the same data and batch), so the two
+   compare in one run.
 3. Decoding, 124M bf16, 16-token prompt + 200 new tokens, greedy, batch 1 and 16: ours eager, ours CUDA
    graph, HF `generate`; greedy tokens compared with HF (bf16, and fp32 at batch 1).
 
@@ -166,15 +168,20 @@ def _measure_training(row: dict[str, Any], name: str, batch: int, seq: int, cfg:
 # ------------------------------------------------------------------ run_train.py end to end
 
 
-def run_train_row(args: argparse.Namespace, device: torch.device, out_dir: Path) -> dict[str, Any]:
+E2E_RECIPES = {"baseline": [], "speedrun": ["experiment=gpt2_124m_speedrun"]}
+"""The end-to-end runs: GPT-2 with today's defaults, and the speedrun recipe (its model switches, Muon, wsd)."""
+
+
+def run_train_row(args: argparse.Namespace, device: torch.device, out_dir: Path, recipe: str) -> dict[str, Any]:
     """`python run_train.py` as a user runs it; tok/s and MFU read from its metrics.jsonl (last interval)."""
     gpu = ROOT / ".gpu"
-    run_dir = out_dir / "run_train"
+    run_dir = out_dir / f"run_train_{recipe}"
+    overrides = list(E2E_RECIPES[recipe])
     if args.tiny:
-        overrides = ["model=tiny", "total_batch_tokens=2048", "micro_batch_size=8", "block_size=64",
+        overrides += ["model=tiny", "total_batch_tokens=2048", "micro_batch_size=8", "block_size=64",
                      "max_steps=6", "log_interval=2", "precision=auto", f"compile={str(device.type == 'cuda').lower()}"]
     else:
-        overrides = ["model=gpt2", "compile=true", "precision=bf16", "block_size=1024", "total_batch_tokens=524288",
+        overrides += ["model=gpt2", "compile=true", "precision=bf16", "block_size=1024", "total_batch_tokens=524288",
                      f"micro_batch_size={args.e2e_micro_batch}", f"max_steps={args.e2e_steps}",
                      f"log_interval={args.e2e_steps // 3}"]
     overrides += ["data=shakespeare", "eval.interval=0", "eval.iters=1", "eval.sample_prompt=", "logger=none",
@@ -186,7 +193,7 @@ def run_train_row(args: argparse.Namespace, device: torch.device, out_dir: Path)
         overrides.append(f"tokenizer.path={tokenizer}")
     if cache:
         overrides.append(f"data.cache_dir={cache}")
-    row: dict[str, Any] = {"kind": "run_train", "overrides": overrides}
+    row: dict[str, Any] = {"kind": "run_train", "recipe": recipe, "overrides": overrides}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(ROOT / "run_train.py"), *overrides], capture_output=True, text=True,
                           timeout=args.e2e_timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -297,11 +304,12 @@ def tables(rows: list[dict[str, Any]]) -> str:
                                   body))
     e2e = [r for r in rows if r["kind"] == "run_train"]
     for r in e2e:
+        what = f"run_train.py end to end ({r.get('recipe', 'baseline')})"
         if "tok_s" in r:
-            out.append(f"run_train.py end to end: {fmt(r['tok_s'])} tok/s, MFU {fmt(r.get('mfu'), '.1%')}, "
+            out.append(f"{what}: {fmt(r['tok_s'])} tok/s, MFU {fmt(r.get('mfu'), '.1%')}, "
                        f"wall {r['wall_s']:.0f} s ({' '.join(r.get('log', [])[:1])})")
         else:
-            out.append(f"run_train.py end to end: failed ({r.get('error')})")
+            out.append(f"{what}: failed ({r.get('error')})")
     dec = [r for r in rows if r["kind"] == "decode"]
     if dec:
         out.append(markdown_table(
@@ -324,7 +332,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="tiny model and shapes: check the plumbing (CPU is fine)")
     p.add_argument("--budget-s", type=float, default=330, help="start nothing new after this many seconds")
-    p.add_argument("--only", default="train,e2e,decode", help="comma list of parts: train, e2e, decode")
+    p.add_argument("--only", default="train,e2e,decode,e2e_speedrun",
+                   help="comma list of parts: train, e2e, decode, e2e_speedrun")
     p.add_argument("--train", default="ours:16,nanogpt:16,hf:16,ours:64,nanogpt:64,hf:64,ours (pad 1):16",
                    help="model:batch list, in priority order")
     p.add_argument("--warmup", type=int, default=3)
@@ -375,6 +384,7 @@ def main() -> None:
     order: list[tuple[str, Any]] = [("train", t) for t in train_plan[:5]]
     order += [("decode", None)] if "decode" in parts else []
     order += [("e2e", None)] if "e2e" in parts else []
+    order += [("e2e_speedrun", None)] if "e2e_speedrun" in parts else []
     order += [("train", t) for t in train_plan[5:]]
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         for part, item in order:
@@ -395,11 +405,12 @@ def main() -> None:
                 except Exception as e:
                     rows.append({"kind": "decode", "impl": "all", "batch": 0, "error": short_error(e)})
                     traceback.print_exc()
-            elif part == "e2e":
+            elif part in ("e2e", "e2e_speedrun"):
+                recipe = "baseline" if part == "e2e" else "speedrun"
                 try:
-                    rows.append(run_train_row(args, device, Path(tmp)))
+                    rows.append(run_train_row(args, device, Path(tmp), recipe))
                 except Exception as e:
-                    rows.append({"kind": "run_train", "error": short_error(e)})
+                    rows.append({"kind": "run_train", "recipe": recipe, "error": short_error(e)})
                     traceback.print_exc()
             save()
     payload["total_s"] = elapsed()

@@ -122,15 +122,23 @@ def n_params(overrides: list[str], vocab: int) -> int:
 
 def crossing(points: list[tuple[float, float]], target: float) -> float | None:
     """The x where the loss (y) first falls to `target`, linear in log(x) between the bracketing points (x > 0,
-    sorted by x); None when it never does."""
+    sorted by x); None when no two points bracket it (see `bracket_text`)."""
     points = sorted(p for p in points if p[0] > 0)
-    if points and points[0][1] <= target:
-        return points[0][0]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if y1 <= target < y0:
             t = (y0 - target) / (y0 - y1)
             return math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
     return None
+
+
+def bracket_text(points: list[tuple[float, float]], target: float, x: float | None) -> str:
+    """A crossing as text: the value, or the bound the points give when they do not bracket the target."""
+    if x is not None:
+        return f"{x:.3f}"
+    points = sorted(p for p in points if p[0] > 0)
+    if points and points[0][1] <= target:
+        return f"< {points[0][0]:g} (add a smaller --fractions)"
+    return f"> {points[-1][0]:g}" if points else "n/a"
 
 
 def spread(values: list[float], spec: str = ".3f") -> str:
@@ -241,16 +249,19 @@ def summarize(args: argparse.Namespace, runs: dict[str, Any], out: Path) -> dict
             fc = crossing([(t / base_tokens, v) for t, v in rc["val_curve"]], target) if rc else None
             fractions += [f] if f is not None else []
             curve_fractions += [fc] if fc is not None else []
+            curve_points = [(t / base_tokens, v) for t, v in rc["val_curve"]] if rc else []
             rows.append([s, f"{target:.4f}", ", ".join(f"{fr:g}: {v:.4f}" for fr, v in sorted(budget_points)),
-                         f"{f:.3f}" if f is not None else "> 1", f"{fc:.3f}" if fc is not None else "> 1"])
+                         bracket_text(budget_points, target, f), bracket_text(curve_points, target, fc)])
         lines += ["", "Fraction of the baseline's tokens the recipe needs to reach the baseline's final val loss:", "",
                   markdown_table(["seed", "baseline final val loss", "recipe final val loss by budget",
                                   "fraction (budgets)", "fraction (full-run curve)"], rows), ""]
         summary["fractions"] = fractions
         summary["curve_fractions"] = curve_fractions
-        if fractions:
+        if len(fractions) == len(seeds):
             lines.append(f"HEADLINE: the recipe needs {spread(fractions)} of the baseline's tokens "
                          f"(goal <= 0.5; full-run curve: {spread(curve_fractions)}).")
+        else:
+            lines.append("HEADLINE: the budgets do not bracket the baseline's final val loss for every seed (table).")
     params = {side: n_params([*exp, *common_overrides(args)], args.vocab)
               for side, exp in (("baseline", BASELINE), ("recipe", RECIPE))}
     lines.append(f"parameters: baseline {params['baseline']:,}, recipe {params['recipe']:,} "
@@ -295,12 +306,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=str(RESULTS_DIR / "sample_efficiency_cache"),
                         help="data.cache_dir of the stdlib corpus (Shakespeare uses the default cache)")
     parser.add_argument("--vocab", type=int, default=4096, help="tokenizer.vocab_size of the BPE")
-    parser.add_argument("--steps", type=int, default=200, help="the baseline's (the full) budget in steps")
+    parser.add_argument("--steps", type=int, default=1000, help="the baseline's (the full) budget in steps")
     parser.add_argument("--batch-tokens", type=int, default=2048)
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+    parser.add_argument("--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0],
                         help="the recipe's budgets, as fractions of the baseline's (1 = the same)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--eval-interval", type=int, default=25, help="evaluation interval of the full runs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--eval-interval", type=int, default=50, help="evaluation interval of the full runs")
     parser.add_argument("--eval-iters", type=int, default=16, help="val batches of 2,048 tokens per evaluation")
     parser.add_argument("--only", choices=("baseline", "recipe"), default=None)
     parser.add_argument("--ablation", action="store_true", help="run the ablation multirun instead")

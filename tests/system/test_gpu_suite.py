@@ -35,6 +35,9 @@ def test_gpu_suite_tiny_dry_run(tmp_path: Path, gpt2_cache: Path, tiktoken_file:
     assert all(r["tok_s"] > 0 for r in decode)
     assert all(r["tokens_equal_hf"] for r in decode if r["impl"] != "hf generate")
     assert [r["tokens_equal_hf"] for r in rows if r["kind"] == "decode_check"] == [True]
-    e2e = [r for r in rows if r["kind"] == "run_train"]
-    assert len(e2e) == 1 and e2e[0]["returncode"] == 0 and e2e[0]["tok_s"] > 0, e2e
-    assert "| model | shape | tok/s | MFU |" in proc.stdout and "run_train.py end to end:" in proc.stdout
+    e2e = {r["recipe"]: r for r in rows if r["kind"] == "run_train"}
+    assert set(e2e) == {"baseline", "speedrun"}, e2e
+    assert all(r["returncode"] == 0 and r["tok_s"] > 0 for r in e2e.values()), e2e
+    assert "experiment=gpt2_124m_speedrun" in e2e["speedrun"]["overrides"]
+    assert "| model | shape | tok/s | MFU |" in proc.stdout
+    assert "run_train.py end to end (baseline):" in proc.stdout and "run_train.py end to end (speedrun):" in proc.stdout
