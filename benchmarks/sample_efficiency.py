@@ -11,17 +11,18 @@ Both sides are shipped experiments, run by `run_train.py` as they are, with the 
 
 Common to both: the corpus (default: the top-level modules of Python 3.11's standard library, /usr/lib/python3.11/
 *.py, 4.7 MB), our byte-level BPE with 4,096 tokens trained on it, the batch (2,048 tokens = 16 x 128 per step),
-fp32 on the CPU without compile (deterministic), the val sample, and the seeds. The baseline runs the full
-budget; the recipe runs the full budget and fractions of it (each with its whole schedule, so its cooldown ends
-at its budget). The headline, per seed: the budget at which the recipe's final val loss equals the baseline's,
-interpolated linearly in log(tokens) between the recipe's budgets; the conservative figure from the recipe's
-full-budget val curve (not yet cooled down where it crosses) is printed next to it.
+fp32 on the CPU without compile (deterministic), the val sample, and the seeds (0, 1, 2). The baseline runs
+the full budget (1,000 steps); the recipe runs the full budget and 1/8, 1/4 and 1/2 of it (each with its whole
+schedule, so its cooldown ends at its budget). The headline, per seed: the budget at which the recipe's final
+val loss equals the baseline's, interpolated linearly in log(tokens) between the recipe's budgets; the
+conservative figure from the recipe's full-budget val curve (not yet cooled down where it crosses) is printed
+next to it. Figures: benchmarks/RESULTS.md, "Sample efficiency".
 
-`--ablation` runs the recipe with each technique switched off alone as ONE Hydra multirun (gpt2/conf/ablate/)
-and prints each one's val-loss change and tok/s against the full recipe.
+`--ablation` runs the recipe with each technique switched off alone, as ONE Hydra multirun per seed
+(gpt2/conf/ablate/), at half the budget, and prints each one's val-loss change and tok/s against the recipe.
 
-    .venv/bin/python benchmarks/sample_efficiency.py                          # headline: 2 seeds, ~25 min on 2 cores
-    .venv/bin/python benchmarks/sample_efficiency.py --ablation               # ~17 min
+    .venv/bin/python benchmarks/sample_efficiency.py                          # headline: 3 seeds, 31 min on 2 cores
+    .venv/bin/python benchmarks/sample_efficiency.py --ablation --seeds 0 1     # 2 x 19 min
     .venv/bin/python benchmarks/sample_efficiency.py --corpus shakespeare --only recipe --fractions 0.5 \\
         --seeds 0 --extra optimizer.muon_lr=0.05                             # the tuning runs (Shakespeare only)
 """
@@ -275,29 +276,45 @@ def summarize(args: argparse.Namespace, runs: dict[str, Any], out: Path) -> dict
 
 
 def ablation(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """Each technique off alone, as one multirun; a table of val-loss change and tok/s against the recipe."""
+    """Each technique off alone, as one multirun per seed; a table of each one's val-loss change against the
+    recipe (per seed and their mean) and its tok/s. A seed whose multirun finished already is reused."""
     n = max(1, round(args.ablation_fraction * args.steps))
-    sweep = out / "ablation"
-    overrides = [*RECIPE, f"ablate={','.join(ABLATIONS)}", *common_overrides(args), f"max_steps={n}",
-                 f"seed={args.seeds[0]}", "eval.interval=0", *args.extra]
-    seconds = run_train(overrides, sweep, multirun=True)
-    results = {}
-    for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
-        chosen = [o.split("=", 1)[1] for o in (job / ".hydra" / "overrides.yaml").read_text().split("\n- ")
-                  if o.lstrip("- ").startswith("ablate=")][0].strip()
-        curve = val_curve(job, args.batch_tokens)
-        results[chosen] = {"final_val_loss": curve[-1][1], "tokens_per_s": tokens_per_s(job)}
-    ref = results["none"]
+    results: dict[int, dict[str, dict[str, float]]] = {}
+    runs = {}
+    for seed in args.seeds:
+        sweep = out / f"ablation-s{seed}"
+        overrides = [*RECIPE, f"ablate={','.join(ABLATIONS)}", *common_overrides(args), f"max_steps={n}",
+                     f"seed={seed}", "eval.interval=0", *args.extra]
+        jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) if sweep.is_dir() else []
+        finished = len(jobs) == len(ABLATIONS) and all(
+            any(r.get("step") == n and "val/loss" in r for r in read_metrics(j / "metrics.jsonl"))
+            for j in jobs if (j / "metrics.jsonl").exists())
+        seconds = 0.0 if finished else run_train(overrides, sweep, multirun=True)
+        runs[seed] = {"overrides": overrides, "seconds": seconds}
+        results[seed] = {}
+        for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
+            chosen = [o.split("=", 1)[1] for o in (job / ".hydra" / "overrides.yaml").read_text().split("\n- ")
+                      if o.lstrip("- ").startswith("ablate=")][0].strip()
+            curve = val_curve(job, args.batch_tokens)
+            results[seed][chosen] = {"final_val_loss": curve[-1][1], "tokens_per_s": tokens_per_s(job)}
+    seeds = list(results)
     rows = []
     for name in ABLATIONS:
-        r = results[name]
-        rows.append([name if name != "none" else "none (the recipe)", f"{r['final_val_loss']:.4f}",
-                     f"{r['final_val_loss'] - ref['final_val_loss']:+.4f}" if name != "none" else "-",
-                     f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x"])
-    table = markdown_table(["switched off", "final val loss", "change vs recipe", "tok/s", "tok/s vs recipe"], rows)
-    print(f"Ablation: {n} steps x {args.batch_tokens:,} tokens, seed {args.seeds[0]}, one multirun "
-          f"({seconds / 60:.1f} min):\n\n{table}", flush=True)
-    return {"steps": n, "overrides": overrides, "results": results, "table": table, "seconds": seconds}
+        deltas = [results[s][name]["final_val_loss"] - results[s]["none"]["final_val_loss"] for s in seeds]
+        speed = [results[s][name]["tokens_per_s"] / results[s]["none"]["tokens_per_s"] for s in seeds]
+        rows.append([name if name != "none" else "none (the recipe)",
+                     ", ".join(f"{results[s][name]['final_val_loss']:.4f}" for s in seeds),
+                     "-" if name == "none" else ", ".join(f"{d:+.4f}" for d in deltas),
+                     "-" if name == "none" else f"{statistics.mean(deltas):+.4f}",
+                     f"{statistics.mean(results[s][name]['tokens_per_s'] for s in seeds):,.0f}",
+                     f"{statistics.mean(speed):.2f}x"])
+    table = markdown_table(["switched off", f"final val loss (seeds {', '.join(map(str, seeds))})",
+                            "change vs recipe, per seed", "mean change", "tok/s", "tok/s vs recipe"], rows)
+    noise = [results[s]["none"]["final_val_loss"] for s in seeds]
+    print(f"Ablation: {n} steps x {args.batch_tokens:,} tokens, seeds {seeds}, one multirun per seed "
+          f"({sum(r['seconds'] for r in runs.values()) / 60:.1f} min run now); the recipe itself: "
+          f"{spread(noise, '.4f')} over these seeds:\n\n{table}", flush=True)
+    return {"steps": n, "runs": runs, "results": results, "table": table}
 
 
 def main() -> None:
