@@ -184,7 +184,8 @@ def run_train_row(args: argparse.Namespace, device: torch.device, out_dir: Path,
         overrides += ["model=gpt2", "compile=true", "precision=bf16", "block_size=1024", "total_batch_tokens=524288",
                      f"micro_batch_size={args.e2e_micro_batch}", f"max_steps={args.e2e_steps}",
                      f"log_interval={args.e2e_steps // 3}"]
-    overrides += ["data=shakespeare", "eval.interval=0", "eval.iters=1", "eval.sample_prompt=", "logger=none",
+    overrides += ["data=shakespeare", "eval.interval=0", "eval.hellaswag_interval=0", "eval.iters=1",
+                  "eval.sample_prompt=", "logger=none",
                   "progress_bar=false", "checkpoint.save_final=false", "scheduler.warmup_steps=0",
                   f"device={device.type}", f"hydra.run.dir={run_dir}"]
     tokenizer = args.tokenizer_path or (gpu / "gpt2.tiktoken" if (gpu / "gpt2.tiktoken").is_file() else None)
