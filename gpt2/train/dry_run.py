@@ -27,6 +27,7 @@ FLAGSHIP = "gpt2_124m_fineweb"
 BUDGET_REFERENCES = (FLAGSHIP, "gpt2_124m_speedrun")
 """The shipped experiments whose budgets the dry run prints side by side with the run's (as they ship)."""
 
+
 def planned_vocabulary(cfg: TrainConfig) -> Vocabulary:
     """The tokenizer's vocabulary without preparing anything: GPT-2's and our BPE's size are known, a
     tokenizer=file is read (cheap)."""
@@ -95,10 +96,8 @@ def side_by_side(budget: dict[str, Any], references: dict[str, TrainConfig]) -> 
     budget.gpu x budget.gpus), each with its tokens as a multiple of the flagship's."""
     budgets = {"this run": budget}
     for name, ref in references.items():
-        n_vocab = planned_vocab(ref.tokenizer) or 0
         with torch.device("meta"):
-            model = GPT(with_vocab(ref.model, Vocabulary(n_vocab, f"tokenizer={ref.tokenizer.name}"))
-                        .for_device("cuda"))
+            model = GPT(with_vocab(ref.model, planned_vocabulary(ref)).for_device("cuda"))
         flops = model.flops_per_token(ref.block_size)
         budgets[f"experiment={name}"] = compute_budget(ref, ref.total_batch_tokens, ref.max_steps, flops,
                                                        model.num_params(exclude_embeddings=True),
