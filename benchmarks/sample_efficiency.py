@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from common import RESULTS_DIR, ROOT, default_out, environment, markdown_table, write_json
 
 from gpt2.train.metrics import read_metrics
@@ -81,11 +82,23 @@ def run_train(overrides: list[str], run_dir: Path, multirun: bool = False) -> fl
     return time.time() - t0
 
 
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether the run in run_dir logged its final val loss at step `steps`."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and any(r.get("step") == steps and "val/loss" in r for r in read_metrics(metrics))
+
+
+def sweep_jobs(sweep: Path) -> list[Path]:
+    """The job dirs of a Hydra multirun (0, 1, ...), in job order; none when it has not run."""
+    if not sweep.is_dir():
+        return []
+    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
 def train_or_reuse(overrides: list[str], run_dir: Path, steps: int) -> float:
     """run_train into run_dir, unless it already finished there (0 s); an interrupted run resumes exactly from
     its last checkpoint (resume=auto), so a benchmark that was stopped picks up where it was."""
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and any(r.get("step") == steps and "val/loss" in r for r in read_metrics(metrics)):
+    if finished(run_dir, steps):
         print(f"  reusing {run_dir} (finished)", flush=True)
         return 0.0
     return run_train([*overrides, "resume=auto"] if (run_dir / "checkpoints").exists() else overrides, run_dir)
@@ -285,16 +298,14 @@ def ablation(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         sweep = out / f"ablation-s{seed}"
         overrides = [*RECIPE, f"ablate={','.join(ABLATIONS)}", *common_overrides(args), f"max_steps={n}",
                      f"seed={seed}", "eval.interval=0", *args.extra]
-        jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) if sweep.is_dir() else []
-        finished = len(jobs) == len(ABLATIONS) and all(
-            any(r.get("step") == n and "val/loss" in r for r in read_metrics(j / "metrics.jsonl"))
-            for j in jobs if (j / "metrics.jsonl").exists())
-        seconds = 0.0 if finished else run_train(overrides, sweep, multirun=True)
+        jobs = sweep_jobs(sweep)
+        done = len(jobs) == len(ABLATIONS) and all(finished(job, n) for job in jobs)
+        seconds = 0.0 if done else run_train(overrides, sweep, multirun=True)
         runs[seed] = {"overrides": overrides, "seconds": seconds}
         results[seed] = {}
-        for job in sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()):
-            chosen = [o.split("=", 1)[1] for o in (job / ".hydra" / "overrides.yaml").read_text().split("\n- ")
-                      if o.lstrip("- ").startswith("ablate=")][0].strip()
+        for job in sweep_jobs(sweep):
+            job_overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+            chosen = next(o.split("=", 1)[1] for o in job_overrides if o.startswith("ablate="))
             curve = val_curve(job, args.batch_tokens)
             results[seed][chosen] = {"final_val_loss": curve[-1][1], "tokens_per_s": tokens_per_s(job)}
     seeds = list(results)
