@@ -76,7 +76,9 @@ def test_event_files_hold_every_scalar_and_sample_of_metrics_jsonl_across_a_resu
         remove_tree(run / "checkpoints" / f"step_{step:08d}")
     train(compose_train(args), run)
     assert len(list(run.glob("events.out.tfevents.*"))) == 2  # the resumed run appended to the same run
-    wandb_runs = {p.name.rsplit("-", 1)[-1] for p in (run / "wandb").glob("offline-run-*")}
+    # W&B names a session's folder offline-run-<YYYYMMDD_HHMMSS>-<run id>, plus -<N> when another session of the
+    # run started in the same second (wandb_init.set_sync_dir_suffix): the run id is the fourth field
+    wandb_runs = {p.name.split("-")[3] for p in (run / "wandb").glob("offline-run-*")}
     assert len(wandb_runs) == 1  # and W&B wrote its files beside them (one run, continued)
 
     want_scalars, want_texts = expected_from_metrics(run)
